@@ -1,0 +1,125 @@
+"""Settings for every role of the blueprint, read from the environment.
+
+The defaults run a single-process ``runserver`` with the in-memory channel
+layer. Anything a production replica must set is checked here and fails with
+one line naming the variable, rather than serving with an unsafe default.
+The README's environment table lists every name read below.
+"""
+import os
+import socket
+from pathlib import Path
+
+from config.env import ConfigError, env_bool, env_float, env_int, env_list, redis_hosts
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEV_SECRET_KEY = "django-insecure-dev-only-never-deploy-this-key"
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", DEV_SECRET_KEY)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+
+
+if not DEBUG:
+    if SECRET_KEY == DEV_SECRET_KEY or not SECRET_KEY.strip():
+        raise ConfigError("DJANGO_SECRET_KEY must be set to a long random value when DJANGO_DEBUG is off")
+    if not ALLOWED_HOSTS:
+        raise ConfigError("DJANGO_ALLOWED_HOSTS must list the served host names when DJANGO_DEBUG is off")
+
+# The replica's name, stamped on every frame as origin / served_by. Kubernetes
+# sets it from the downward API; compose and Docker leave the container hostname.
+POD_NAME = os.environ.get("POD_NAME") or socket.gethostname()
+
+INSTALLED_APPS = [
+    "daphne",  # first: its runserver replaces Django's with an ASGI one
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.staticfiles",
+    "channels",
+    "realtime",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": ["django.template.context_processors.request"]},
+    }
+]
+
+# The app keeps no rows: sessions live in signed cookies, so no replica needs a
+# writable database (the Kubernetes pods run with a read-only root filesystem).
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+USE_TZ = True
+TIME_ZONE = "UTC"
+
+STATIC_URL = "/static/"
+STATIC_ROOT = os.environ.get("DJANGO_STATIC_ROOT") or str(BASE_DIR.parent / "build" / "static")
+
+# Behind nginx: trust X-Forwarded-Proto for request.is_secure() only.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+# --- Realtime -------------------------------------------------------------
+
+WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=128)
+BROADCAST_TOKEN = os.environ.get("BROADCAST_TOKEN", "")
+# How long /readyz waits for its channel-layer round trip before answering 503.
+READYZ_TIMEOUT_SECONDS = env_float("READYZ_TIMEOUT_SECONDS", 2.0, minimum=0.1)
+
+
+def _channel_layers(kind: str) -> dict:
+    if kind == "memory":
+        return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    if kind not in ("redis", "redis-pubsub"):
+        raise ConfigError(f"CHANNEL_LAYER={kind!r} is not one of memory, redis, redis-pubsub")
+    if "REDIS_URL" not in os.environ:
+        raise ConfigError(f"REDIS_URL must be set when CHANNEL_LAYER={kind}")
+    hosts = redis_hosts(os.environ["REDIS_URL"])
+    # One prefix per deployment: replicas that share it share groups.
+    config = {"hosts": hosts, "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi")}
+    if kind == "redis-pubsub":
+        return {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": config}}
+    config.update(
+        # Per-channel queue bound: a consumer that falls this far behind starts
+        # losing messages rather than growing Redis without limit.
+        capacity=env_int("CHANNEL_CAPACITY", 1000, minimum=1),
+        # A member that is not refreshed within this many seconds drops out of
+        # its group: the bound on how long a killed replica's sockets cost
+        # group_send time.
+        group_expiry=env_int("CHANNEL_GROUP_EXPIRY", 86400, minimum=10),
+    )
+    return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": config}}
+
+
+CHANNEL_LAYER = os.environ.get("CHANNEL_LAYER", "memory").strip().lower()
+CHANNEL_LAYERS = _channel_layers(CHANNEL_LAYER)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": f"%(asctime)s %(levelname)s {POD_NAME} %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,12 @@
+"""HTTP routes; the WebSocket ones are in realtime/routing.py."""
+from django.urls import path
+
+from realtime import views
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("chat/<str:room>/", views.room, name="room"),
+    path("api/rooms/<str:room>/messages", views.broadcast, name="broadcast"),
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+]
