@@ -102,6 +102,29 @@ BROADCAST_TOKEN = os.environ.get("BROADCAST_TOKEN", "")
 READYZ_TIMEOUT_SECONDS = env_float("READYZ_TIMEOUT_SECONDS", 2.0, minimum=0.1)
 
 
+def _with_connection_options(host) -> dict:
+    """Connection behaviour for every Redis host of the layer.
+
+    redis-py's asyncio connections do not retry by default: the first command
+    on a pooled connection that a Redis restart closed raises, and a consumer
+    waiting on it dies with 1011. Retrying with jittered backoff reconnects
+    instead; idle connections are pinged before reuse; connecting gives up
+    fast so /readyz answers within its own timeout.
+    """
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    options = {
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "health_check_interval": 10,
+        "socket_connect_timeout": 2,
+        "socket_keepalive": True,
+    }
+    return {**host, **options} if isinstance(host, dict) else {"address": host, **options}
+
+
 def _channel_layers(kind: str) -> dict:
     if kind == "memory":
         return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -109,7 +132,7 @@ def _channel_layers(kind: str) -> dict:
         raise ConfigError(f"CHANNEL_LAYER={kind!r} is not one of memory, redis, redis-pubsub")
     if "REDIS_URL" not in os.environ:
         raise ConfigError(f"REDIS_URL must be set when CHANNEL_LAYER={kind}")
-    hosts = redis_hosts(os.environ["REDIS_URL"])
+    hosts = [_with_connection_options(host) for host in redis_hosts(os.environ["REDIS_URL"])]
     # One prefix per deployment: replicas that share it share groups.
     config = {"hosts": hosts, "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi")}
     if kind == "redis-pubsub":

@@ -5,11 +5,13 @@ a frame (a reply or an error), never a dead consumer.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from realtime import protocol
 from realtime.protocol import FrameError
@@ -19,6 +21,33 @@ logger = logging.getLogger(__name__)
 
 class JsonFrameConsumer(AsyncWebsocketConsumer):
     """Decodes client frames and turns every refusal into an error frame."""
+
+    # Channels assigns ``self.channel_receive`` (the layer's receive for this
+    # consumer's channel) when the consumer starts, and a raised error there
+    # kills the consumer, closing the socket with 1011. During a Redis outage
+    # that would drop every socket of the replica; instead the socket stays
+    # open and the receive is retried with backoff until Redis is back.
+    RECEIVE_RETRY_MAX_DELAY = 2.0
+
+    @property
+    def channel_receive(self):
+        return self._receive_until_layer_answers
+
+    @channel_receive.setter
+    def channel_receive(self, layer_receive):
+        self._layer_receive = layer_receive
+
+    async def _receive_until_layer_answers(self):
+        delay = 0.05
+        while True:
+            try:
+                return await self._layer_receive()
+            except (OSError, asyncio.TimeoutError, RedisError) as error:
+                # Once per outage per socket at warning level, not once per retry.
+                log = logger.warning if delay == 0.05 else logger.debug
+                log("channel layer receive failed for %s, retrying: %r", self.channel_name, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.RECEIVE_RETRY_MAX_DELAY)
 
     async def dispatch(self, message):
         # Channels' own dispatch awaits aclose_old_connections() before every
