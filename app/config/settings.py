@@ -43,6 +43,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: probes and scrapes address pods by IP, which Host validation would refuse.
+    "realtime.middleware.operational_endpoints",
     "django.middleware.security.SecurityMiddleware",
     # Static files straight from gunicorn, with hashed names and cache headers,
     # so nginx proxies /static/ and no volume is shared between images.
@@ -97,6 +99,13 @@ X_FRAME_OPTIONS = "DENY"
 # --- Realtime -------------------------------------------------------------
 
 WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=128)
+# Per socket: a token bucket of this many messages a second, this burst; a
+# socket refused this many frames in a row is closed with 1008.
+WS_RATE_LIMIT_PER_SECOND = env_float("WS_RATE_LIMIT_PER_SECOND", 50.0, minimum=0.1)
+WS_RATE_LIMIT_BURST = env_float("WS_RATE_LIMIT_BURST", 100.0, minimum=1.0)
+WS_RATE_LIMIT_CLOSE_AFTER = env_int("WS_RATE_LIMIT_CLOSE_AFTER", 50, minimum=1)
+# Sockets one replica holds; beyond it new sockets are closed with 1013 (try again later).
+WS_MAX_CONNECTIONS = env_int("WS_MAX_CONNECTIONS", 20000, minimum=1)
 BROADCAST_TOKEN = os.environ.get("BROADCAST_TOKEN", "")
 # How long /readyz waits for its channel-layer round trip before answering 503.
 READYZ_TIMEOUT_SECONDS = env_float("READYZ_TIMEOUT_SECONDS", 2.0, minimum=0.1)
@@ -108,8 +117,9 @@ def _with_connection_options(host) -> dict:
     redis-py's asyncio connections do not retry by default: the first command
     on a pooled connection that a Redis restart closed raises, and a consumer
     waiting on it dies with 1011. Retrying with jittered backoff reconnects
-    instead; idle connections are pinged before reuse; connecting gives up
-    fast so /readyz answers within its own timeout.
+    instead; connecting gives up fast so /readyz answers within its own
+    timeout. (No health_check_interval: its PING on a blocked BZPOPMIN
+    connection left cancelled receives hanging, which stalled drains.)
     """
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialWithJitterBackoff
@@ -118,7 +128,6 @@ def _with_connection_options(host) -> dict:
     options = {
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
-        "health_check_interval": 10,
         "socket_connect_timeout": 2,
         "socket_keepalive": True,
     }
@@ -144,7 +153,9 @@ def _channel_layers(kind: str) -> dict:
         # A member that is not refreshed within this many seconds drops out of
         # its group: the bound on how long a killed replica's sockets cost
         # group_send time.
-        group_expiry=env_int("CHANNEL_GROUP_EXPIRY", 86400, minimum=10),
+        # Channels' default is a day; the membership keeper refreshes live
+        # members every third of this, so it can be short.
+        group_expiry=env_int("CHANNEL_GROUP_EXPIRY", 300, minimum=3),
     )
     return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": config}}
 
@@ -152,10 +163,17 @@ def _channel_layers(kind: str) -> dict:
 CHANNEL_LAYER = os.environ.get("CHANNEL_LAYER", "memory").strip().lower()
 CHANNEL_LAYERS = _channel_layers(CHANNEL_LAYER)
 
+# JSON lines by default (what log pipelines ingest); LOG_FORMAT=plain for a terminal.
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain" if DEBUG else "json")
+if LOG_FORMAT not in ("json", "plain"):
+    raise ConfigError(f"LOG_FORMAT={LOG_FORMAT!r} is not one of json, plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": f"%(asctime)s %(levelname)s {POD_NAME} %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "json": {"()": "config.logging.JsonFormatter"},
+        "plain": {"format": f"%(asctime)s %(levelname)s {POD_NAME} %(name)s: %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
 }

@@ -7,6 +7,5 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("chat/<str:room>/", views.room, name="room"),
     path("api/rooms/<str:room>/messages", views.broadcast, name="broadcast"),
-    path("healthz", views.healthz, name="healthz"),
-    path("readyz", views.readyz, name="readyz"),
+    # /healthz, /readyz and /metrics: realtime.middleware, ahead of Host validation.
 ]

@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from realtime import protocol
+from realtime import metrics, protocol
+from realtime.limits import TokenBucket
+from realtime.membership import keeper
 from realtime.protocol import FrameError
+from realtime.replica import state
 
 logger = logging.getLogger(__name__)
 
+LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+
 
 class JsonFrameConsumer(AsyncWebsocketConsumer):
-    """Decodes client frames and turns every refusal into an error frame."""
+    """Decodes client frames, enforces the per-socket limits and turns every
+    refusal into an error frame."""
 
+    endpoint = "base"
     # Channels assigns ``self.channel_receive`` (the layer's receive for this
     # consumer's channel) when the consumer starts, and a raised error there
     # kills the consumer, closing the socket with 1011. During a Redis outage
@@ -42,7 +52,7 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
         while True:
             try:
                 return await self._layer_receive()
-            except (OSError, asyncio.TimeoutError, RedisError) as error:
+            except LAYER_ERRORS as error:
                 # Once per outage per socket at warning level, not once per retry.
                 log = logger.warning if delay == 0.05 else logger.debug
                 log("channel layer receive failed for %s, retrying: %r", self.channel_name, error)
@@ -59,17 +69,64 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
+    # --- connection lifecycle -------------------------------------------
+
+    async def connect(self):
+        self.counted = False
+        if state.draining:
+            metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "draining").inc()
+            await self.close()
+            return
+        await self.accept()
+        if state.open_sockets >= settings.WS_MAX_CONNECTIONS:
+            # Accepted only to say why: 1013 tells the client to come back later
+            # (through nginx, most likely to a less loaded replica).
+            metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "over_capacity").inc()
+            await self.close(code=TRY_AGAIN_LATER)
+            return
+        self.counted = True
+        state.open_sockets += 1
+        metrics.OPEN_SOCKETS.labels(metrics.REPLICA, self.endpoint).inc()
+        self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
+        self.refused_in_a_row = 0
+        await self.joined()
+
+    async def joined(self) -> None:
+        """Called once the socket is accepted and counted."""
+
+    async def disconnect(self, code):
+        if getattr(self, "counted", False):
+            self.counted = False
+            state.open_sockets -= 1
+            metrics.OPEN_SOCKETS.labels(metrics.REPLICA, self.endpoint).dec()
+
+    # --- frames ---------------------------------------------------------
+
     async def receive(self, text_data=None, bytes_data=None):
+        metrics.MESSAGES_RECEIVED.labels(metrics.REPLICA, self.endpoint).inc()
         try:
+            if not self.bucket.take():
+                raise FrameError("rate_limited", f"over {settings.WS_RATE_LIMIT_PER_SECOND:g} messages per second")
             payload = protocol.decode_text_frame(text_data, bytes_data, settings.WS_MAX_MESSAGE_BYTES)
+            self.refused_in_a_row = 0
             await self.handle(payload)
         except FrameError as error:
-            await self.send_error(error)
+            await self.refuse(error)
+
+    async def refuse(self, error: FrameError) -> None:
+        metrics.FRAMES_REFUSED.labels(metrics.REPLICA, error.code).inc()
+        await self.send_error(error)
+        if error.code == "rate_limited":
+            self.refused_in_a_row += 1
+            if self.refused_in_a_row >= settings.WS_RATE_LIMIT_CLOSE_AFTER:
+                metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "rate_limited").inc()
+                await self.close(code=POLICY_VIOLATION)
 
     async def handle(self, payload: dict) -> None:
         raise NotImplementedError
 
     async def send_json(self, frame: dict) -> None:
+        metrics.MESSAGES_SENT.labels(metrics.REPLICA, self.endpoint).inc()
         await self.send(text_data=protocol.dumps(frame))
 
     async def send_error(self, error: FrameError) -> None:
@@ -79,6 +136,8 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
 class EchoConsumer(JsonFrameConsumer):
     """``/ws/echo/``: ``{"message": X}`` comes back as it went, stamped with the replica."""
 
+    endpoint = "echo"
+
     async def handle(self, payload: dict) -> None:
         if "message" not in payload:
             raise FrameError("bad_schema", 'missing field "message"')
@@ -87,6 +146,8 @@ class EchoConsumer(JsonFrameConsumer):
 
 class ApiConsumer(JsonFrameConsumer):
     """``/ws/api/``: request/response with ``status`` OK or error; the socket stays open."""
+
+    endpoint = "api"
 
     async def handle(self, payload: dict) -> None:
         if "request" not in payload:
@@ -100,35 +161,55 @@ class ApiConsumer(JsonFrameConsumer):
 class ChatConsumer(JsonFrameConsumer):
     """``/ws/chat/<room>/``: every member on every replica gets every message."""
 
+    endpoint = "chat"
+
     async def connect(self):
+        self.group = None
         self.room = self.scope["url_route"]["kwargs"]["room"]
         if not protocol.is_valid_room(self.room):
             # Closing before accept refuses the handshake (HTTP 403).
+            metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "bad_room").inc()
             await self.close()
             return
-        self.group = protocol.group_name(self.room)
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
+        await super().connect()
+
+    async def joined(self) -> None:
+        group = protocol.group_name(self.room)
+        await self.channel_layer.group_add(group, self.channel_name)
+        self.group = group
+        keeper.track(self.channel_layer, group, self.channel_name)
         await self.send_json(protocol.welcome(self.room, settings.POD_NAME))
 
     async def disconnect(self, code):
-        group = getattr(self, "group", None)
-        if group is None:
-            return
-        try:
-            await self.channel_layer.group_discard(group, self.channel_name)
-        except Exception:  # a dead Redis must not turn a disconnect into a traceback storm
-            logger.warning("group_discard failed for %s in %s", self.channel_name, group, exc_info=True)
+        if self.group is not None:
+            keeper.forget(self.group, self.channel_name)
+            try:
+                await self.channel_layer.group_discard(self.group, self.channel_name)
+            except LAYER_ERRORS as error:
+                # The membership expires after CHANNEL_GROUP_EXPIRY anyway.
+                metrics.LAYER_ERRORS.labels(metrics.REPLICA, "group_discard").inc()
+                logger.warning("group_discard failed for %s in %s: %r", self.channel_name, self.group, error)
+        # Last: a drain waits for the socket count to reach zero, and by then
+        # every membership must be gone.
+        await super().disconnect(code)
 
     async def handle(self, payload: dict) -> None:
         event = protocol.chat_event(payload, origin=settings.POD_NAME)
+        started = time.perf_counter()
         try:
             await self.channel_layer.group_send(self.group, event)
-        except Exception as error:
+        except LAYER_ERRORS as error:
+            metrics.LAYER_ERRORS.labels(metrics.REPLICA, "group_send").inc()
             logger.warning("group_send to %s failed: %r", self.group, error)
             await self.send_json(
-                {"type": "error", "code": "unavailable", "detail": "the channel layer is unreachable; the message was not delivered, send it again"}
+                {
+                    "type": "error",
+                    "code": "unavailable",
+                    "detail": "the channel layer is unreachable; the message was not delivered, send it again",
+                }
             )
+            return
+        metrics.GROUP_SEND_SECONDS.labels(metrics.REPLICA).observe(time.perf_counter() - started)
 
     async def chat_message(self, event: dict) -> None:
         await self.send_json(protocol.chat_delivery(event, served_by=settings.POD_NAME))

@@ -14,8 +14,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from realtime import protocol
+from realtime import metrics, protocol
 from realtime.protocol import FrameError
+from realtime.replica import state
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ async def _layer_round_trip() -> None:
 
 @require_GET
 async def readyz(request: HttpRequest):
-    """Readiness: a real send/receive through the channel layer."""
+    """Readiness: not draining, and a real send/receive through the channel layer."""
+    if state.draining:
+        return JsonResponse({"status": "unavailable", "pod": settings.POD_NAME, "reason": "draining"}, status=503)
     try:
         await asyncio.wait_for(_layer_round_trip(), settings.READYZ_TIMEOUT_SECONDS)
     except Exception as error:
@@ -72,6 +75,7 @@ def _bearer_ok(request: HttpRequest) -> bool:
 
 
 def _error(status: int, code: str, detail: str) -> JsonResponse:
+    metrics.BROADCASTS.labels(metrics.REPLICA, str(status)).inc()
     return JsonResponse({"status": "error", "code": code, "detail": detail}, status=status)
 
 
@@ -99,6 +103,8 @@ def broadcast(request: HttpRequest, room: str):
     try:
         async_to_sync(get_channel_layer().group_send)(protocol.group_name(room), event)
     except Exception as error:
+        metrics.LAYER_ERRORS.labels(metrics.REPLICA, "group_send").inc()
         logger.warning("broadcast to %s failed: %r", room, error)
         return _error(503, "unavailable", "the channel layer is unreachable; nothing was published")
+    metrics.BROADCASTS.labels(metrics.REPLICA, "202").inc()
     return JsonResponse({"status": "accepted", "room": room, "origin": settings.POD_NAME}, status=202)

@@ -7,56 +7,17 @@
 """
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import websockets
 
+from tests.processes import start, status_of, stop, wait_for
 from tests.redis_server import free_port
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.redis
-
-
-def status_of(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return time.monotonic()
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def start(args: list[str], env: dict) -> subprocess.Popen:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CHANNEL_", "REDIS_", "POD_"))}
-    return subprocess.Popen(args, cwd=REPO / "app", env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen) -> str:
-    process.terminate()
-    try:
-        output, _ = process.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    return output.decode(errors="replace")
 
 
 async def chat_and_echo(base: str) -> None:

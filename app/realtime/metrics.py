@@ -1,0 +1,62 @@
+"""Prometheus metrics of a replica, every series labelled with its name.
+
+Daphne replicas are single processes and use the default registry. gunicorn
+runs several workers: with PROMETHEUS_MULTIPROC_DIR set (the image's gunicorn
+role sets it) the workers write to shared files and /metrics adds them up.
+"""
+from __future__ import annotations
+
+import os
+
+from django.conf import settings
+from django.http import HttpResponse
+from django.views.decorators.http import require_GET
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REPLICA = settings.POD_NAME
+
+OPEN_SOCKETS = Gauge(
+    "blueprint_ws_open_sockets", "WebSockets open on this replica", ["replica", "endpoint"], multiprocess_mode="livesum"
+)
+MESSAGES_RECEIVED = Counter("blueprint_ws_messages_received", "Frames received from clients", ["replica", "endpoint"])
+MESSAGES_SENT = Counter("blueprint_ws_messages_sent", "Frames sent to clients", ["replica", "endpoint"])
+FRAMES_REFUSED = Counter(
+    "blueprint_ws_frames_refused", "Client frames answered with an error frame, by error code", ["replica", "code"]
+)
+CONNECTIONS_REFUSED = Counter(
+    "blueprint_ws_connections_refused",
+    "Sockets refused or closed by the server: over_capacity (1013), draining, bad_room, rate_limited (1008)",
+    ["replica", "reason"],
+)
+GROUP_SEND_SECONDS = Histogram(
+    "blueprint_group_send_seconds",
+    "Time to hand one message to the channel layer for a whole group",
+    ["replica"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+LAYER_ERRORS = Counter(
+    "blueprint_channel_layer_errors",
+    "Channel-layer operations that failed (Redis unreachable); each publish lost this way was answered with an error",
+    ["replica", "operation"],
+)
+DRAINING = Gauge("blueprint_replica_draining", "1 while the replica drains", ["replica"], multiprocess_mode="max")
+BROADCASTS = Counter("blueprint_http_broadcasts", "HTTP broadcast API calls, by status code", ["replica", "status"])
+
+
+@require_GET
+def metrics_view(request):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

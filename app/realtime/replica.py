@@ -1,0 +1,28 @@
+"""What this process knows about itself as a replica: draining, open sockets.
+
+One Daphne process is one replica; this state is per process, read by
+/readyz, the consumers and /metrics.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaState:
+    def __init__(self) -> None:
+        self.draining = False
+        self.open_sockets = 0
+
+    def start_draining(self) -> None:
+        # Imported here: the drain server imports this module before Django is set up.
+        from realtime import metrics
+
+        if not self.draining:
+            logger.info("draining: refusing new sockets, closing open ones with 1001")
+        self.draining = True
+        metrics.DRAINING.labels(metrics.REPLICA).set(1)
+
+
+state = ReplicaState()
