@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.redis_server import free_port
+from deploy.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,8 +57,9 @@ def stop(process: subprocess.Popen) -> str:
 class Daphne:
     """One replica on Redis, started as production starts it: ``python -m realtime.server``."""
 
-    def __init__(self, redis_url: str, name: str = "daphne-test", **env: str):
+    def __init__(self, redis_url: str, name: str = "daphne-test", wait_path: str = "/readyz", **env: str):
         self.port = free_port()
+        self.wait_path = wait_path
         self.name = name
         self.base = f"127.0.0.1:{self.port}"
         self.env = {
@@ -74,7 +75,7 @@ class Daphne:
     def __enter__(self) -> "Daphne":
         args = [sys.executable, "-m", "realtime.server", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"]
         self.process = start(args, self.env)
-        wait_for(lambda: status_of(f"http://{self.base}/readyz") == 200, 30, f"{self.name} ready")
+        wait_for(lambda: status_of(f"http://{self.base}{self.wait_path}") == 200, 30, f"{self.name} {self.wait_path}")
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from tests.processes import start, status_of, stop, wait_for
-from tests.redis_server import free_port
+from deploy.ports import free_port
 
 pytestmark = pytest.mark.redis
 

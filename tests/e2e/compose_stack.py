@@ -1,0 +1,127 @@
+"""A compose stack of the real images for the end-to-end tests, driven like a user does.
+
+Started and stopped with the Makefile's own targets (`make up`, `make scale`,
+`make down`) under a unique project name, on a free port, with its own env
+file, so it never touches a developer's stack or .env. Containers are found by
+the labels both docker-compose v1 and v2 put on them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+APP_IMAGE = "channels-blueprint:0.1.0"
+NGINX_APP_IMAGE = "channels-blueprint-nginx:0.1.0"
+# Output kept from a failed command, enough for a build or start error.
+FAILURE_TAIL = 4000
+
+
+def compose_command() -> list[str] | None:
+    """The compose the Makefile picks: the v2 plugin when it answers, else docker-compose v1."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def run(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command; on failure raise with the tail of its output."""
+    result = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr)[-FAILURE_TAIL:]
+        raise RuntimeError(f"{' '.join(args)} exited with {result.returncode}:\n{output}")
+    return result
+
+
+def make(*targets: str, timeout: float = 900, **variables: object) -> subprocess.CompletedProcess:
+    return run(["make", "--no-print-directory", *targets, *(f"{k}={v}" for k, v in variables.items())], timeout)
+
+
+def docker_inspect(*ids: str) -> list[dict]:
+    return json.loads(run(["docker", "inspect", *ids], timeout=60).stdout)
+
+
+def image_size_mb(image: str) -> float:
+    return docker_inspect(image)[0]["Size"] / 1e6
+
+
+@dataclass
+class ComposeStack:
+    project: str
+    env_file: Path
+    port: int
+    broadcast_token: str
+    up_seconds: float = 0.0
+
+    @classmethod
+    def create(cls, directory: Path) -> "ComposeStack":
+        """A stack definition with fresh secrets and a free port; nothing is started yet."""
+        token = secrets.token_hex(16)
+        port = free_port()
+        env_file = directory / "stack.env"
+        env_file.write_text(
+            f"DJANGO_SECRET_KEY={secrets.token_hex(32)}\n"
+            f"REDIS_PASSWORD={secrets.token_hex(16)}\n"
+            f"BROADCAST_TOKEN={token}\n"
+            f"NGINX_PORT={port}\n"
+        )
+        return cls(f"e2e{secrets.token_hex(4)}", env_file, port, token)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def make(self, *targets: str, **variables: object) -> subprocess.CompletedProcess:
+        return make(*targets, PROJECT=self.project, ENV_FILE=self.env_file, **variables)
+
+    def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        command = compose_command()
+        assert command, "no compose command"
+        return run([*command, "--project-name", self.project, "--env-file", str(self.env_file), *args], timeout)
+
+    def containers(self, service: str | None = None, *, all_states: bool = False) -> list[str]:
+        """Container ids of the project (of one service), running ones unless all_states."""
+        args = ["docker", "ps", "--quiet", "--no-trunc", "--filter", f"label=com.docker.compose.project={self.project}"]
+        if service:
+            args += ["--filter", f"label=com.docker.compose.service={service}"]
+        if all_states:
+            args.append("--all")
+        return run(args, timeout=60).stdout.split()
+
+    def one(self, service: str) -> str:
+        ids = self.containers(service)
+        assert len(ids) == 1, f"expected one {service} container, found {len(ids)}"
+        return ids[0]
+
+    def hostnames(self, service: str = "daphne") -> dict[str, str]:
+        """hostname (the replica's POD_NAME) -> container id, for the running containers."""
+        ids = self.containers(service)
+        return {c["Config"]["Hostname"]: c["Id"] for c in docker_inspect(*ids)} if ids else {}
+
+    def exec(self, container: str, *command: str, timeout: float = 60) -> str:
+        return run(["docker", "exec", container, *command], timeout).stdout
+
+    def leftovers(self) -> list[str]:
+        """Whatever of the project still exists: containers, networks, volumes."""
+        label = f"label=com.docker.compose.project={self.project}"
+        found = []
+        for kind, args in (
+            ("container", ["docker", "ps", "--all", "--quiet", "--filter", label]),
+            ("network", ["docker", "network", "ls", "--quiet", "--filter", label]),
+            ("volume", ["docker", "volume", "ls", "--quiet", "--filter", label]),
+        ):
+            found += [f"{kind} {name}" for name in run(args, timeout=60).stdout.split()]
+        return found
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"

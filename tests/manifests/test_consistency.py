@@ -1,0 +1,311 @@
+"""The manifests agree with the rest of the project: the app and its image,
+nginx's template, the load test, docker-compose.yml and the README.
+
+A port, probe path, image tag or environment name changed in one place only
+fails here.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import socket
+from pathlib import Path
+
+import locust
+import pytest
+from django.test import AsyncClient, Client
+
+from tests.manifests import sources
+from tests.manifests.documents import (
+    container,
+    container_port,
+    env_names,
+    env_value,
+    find,
+    http_probe_path,
+    of_kind,
+    workloads,
+)
+from tests.manifests.render import KUBERNETES_VERSION, KUSTOMIZATIONS, OVERLAYS, ROOT, render
+
+pytestmark = pytest.mark.manifests
+
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+APP_IMAGE_REPOSITORY = "channels-blueprint"
+# Read by a program that is not Python or shell in this repository.
+READ_ELSEWHERE = {"REDISCLI_AUTH": "redis-cli's password, for the Redis readiness probe"}
+# Set by Kubernetes only, with the reason compose does without.
+KUBERNETES_ONLY = {
+    "POD_NAME": "the downward API names the replica; under compose the entrypoint uses the container hostname",
+}
+
+
+def _every_overlay(fact):
+    """The value of fact(docs) in every overlay, asserted to be the same."""
+    values = {name: fact(render(name)) for name in OVERLAYS}
+    assert len({json.dumps(v, sort_keys=True) for v in values.values()}) == 1, f"overlays differ: {values}"
+    return values[OVERLAYS[0]]
+
+
+def app_probe_paths(role: str) -> dict[str, str]:
+    return _every_overlay(lambda docs: {p: http_probe_path(find(docs, "Deployment", role), p) for p in PROBES})
+
+
+def app_port(role: str) -> int:
+    return _every_overlay(lambda docs: container_port(find(docs, "Deployment", role)))
+
+
+def image(docs, kind: str, name: str) -> str:
+    return container(find(docs, kind, name))["image"]
+
+
+# --- the app and its image ---
+
+
+def _get(role: str, path: str, port: int):
+    """A GET as the kubelet sends it: to the pod IP, which is also the Host."""
+    headers = {"HTTP_HOST": f"10.244.1.17:{port}"}
+    if role == "daphne":  # ASGI, as Daphne serves it
+        return AsyncClient().get(path, **headers)
+    return Client().get(path, **headers)
+
+
+async def _status(role: str, path: str, port: int) -> int:
+    response = _get(role, path, port)
+    return (await response if role == "daphne" else response).status_code
+
+
+@pytest.mark.parametrize("role", sources.APP_ROLES)
+async def test_probe_paths_are_the_apps_liveness_and_readiness(role, settings):
+    """Liveness and startup answer while Redis is down (no restart storm);
+    readiness answers only while the channel layer works."""
+    paths, port = app_probe_paths(role), app_port(role)
+    for probe, path in paths.items():
+        assert await _status(role, path, port) == 200, f"{role} {probe} {path}"
+
+    with socket.socket() as sock:  # a port nothing listens on: Redis is down
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [f"redis://127.0.0.1:{dead_port}"]}}
+    }
+    settings.READYZ_TIMEOUT_SECONDS = 1.0
+    assert await _status(role, paths["readinessProbe"], port) == 503
+    assert await _status(role, paths["livenessProbe"], port) == 200
+    assert await _status(role, paths["startupProbe"], port) == 200
+
+
+@pytest.mark.parametrize("role", sources.APP_ROLES)
+def test_app_ports_are_the_ones_the_image_binds(role):
+    port = app_port(role)
+    assert port == sources.entrypoint_port(role), f"{role}: container port {port} but deploy/entrypoint.sh binds another"
+    for name in KUSTOMIZATIONS:
+        for service in of_kind(render(name), "Service"):
+            if service["metadata"]["name"] == role:
+                assert [p["port"] for p in service["spec"]["ports"]] == [port]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_app_image_workloads_run_an_entrypoint_role(name):
+    roles = set(re.findall(r"^\s*([a-z]+)\)$", sources.ENTRYPOINT.read_text(), re.M))
+    for workload in workloads(render(name)):
+        spec = container(workload)
+        if spec["image"].split(":")[0] == APP_IMAGE_REPOSITORY:
+            assert "command" not in spec, "the image's entrypoint must stay in charge"
+            assert spec["args"][0] in roles, f"{workload['metadata']['name']}: {spec['args'][0]!r} is not a role"
+
+
+def test_one_app_image_tag_everywhere():
+    images = {
+        container(w)["image"]
+        for name in KUSTOMIZATIONS for w in workloads(render(name))
+        if container(w)["image"].split(":")[0] == APP_IMAGE_REPOSITORY
+    }
+    assert len(images) == 1, images
+
+
+def _source_texts(paths) -> str:
+    return "\n".join(path.read_text() for path in paths)
+
+
+def _is_read(name: str, text: str) -> bool:
+    return re.search(rf"""["']{name}["']|\${{{name}\b|\${name}\b""", text) is not None
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_variable_is_read_by_what_receives_it(name):
+    """A misspelt variable is silently ignored by its program: each name must
+    appear in the code that reads it, or be used by another variable."""
+    app_code = _source_texts([*sorted((ROOT / "app").rglob("*.py")), sources.ENTRYPOINT])
+    locust_code = _source_texts(
+        [Path(locust.__file__).parent / "argument_parser.py", *sorted((ROOT / "loadtest").glob("*.py"))]
+    )
+    docs = render(name)
+    for workload in workloads(docs):
+        spec = container(workload)
+        readers = locust_code if spec.get("args", [""])[0] == "locust" else app_code
+        referenced = set(re.findall(r"\$\(([A-Z0-9_]+)\)", json.dumps(spec)))
+        for variable in env_names(workload, docs):
+            if variable in referenced or variable in READ_ELSEWHERE:
+                continue
+            assert _is_read(variable, readers), f"{workload['metadata']['name']}: nothing reads {variable}"
+
+
+# --- nginx ---
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_nginx_fills_every_template_placeholder_with_the_services(name):
+    docs = render(name)
+    nginx = find(docs, "Deployment", "nginx")
+    assert set(env_names(nginx, docs)) == sources.nginx_placeholders()
+    assert int(env_value(nginx, docs, "NGINX_LISTEN_PORT")) == container_port(nginx)
+    assert [p["port"] for p in find(docs, "Service", "nginx")["spec"]["ports"]] == [container_port(nginx)]
+    for variable, role in (("DAPHNE_SERVERS", "daphne"), ("GUNICORN_SERVERS", "gunicorn")):
+        servers = re.findall(r"server\s+([\w.-]+):(\d+)", env_value(nginx, docs, variable))
+        service = find(docs, "Service", role)
+        assert servers == [(role, str(service["spec"]["ports"][0]["port"]))], f"{variable}: {servers}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_nginx_probes_its_own_health_location(name):
+    nginx = find(render(name), "Deployment", "nginx")
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert http_probe_path(nginx, probe) in sources.nginx_exact_locations(), probe
+
+
+# --- the load test ---
+
+
+def _loadtest_imports(path: Path, seen: set[str]) -> set[str]:
+    """loadtest/*.py files a module needs, following `from loadtest... import` transitively."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        modules = []
+        if isinstance(node, ast.ImportFrom) and node.module == "loadtest":
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("loadtest."):
+            modules = [node.module.split(".")[1]]
+        elif isinstance(node, ast.Import):
+            modules = [a.name.split(".")[1] for a in node.names if a.name.startswith("loadtest.")]
+        for module in modules:
+            filename = f"{module}.py"
+            if filename not in seen and (path.parent / filename).exists():
+                seen.add(filename)
+                _loadtest_imports(path.parent / filename, seen)
+    return seen
+
+
+def test_loadtest_configmap_holds_the_locustfile_and_everything_it_imports():
+    docs = render("loadtest")
+    master = find(docs, "Job", "locust-master")
+    mount = next(m for m in container(master)["volumeMounts"] if m["name"] == "scenarios")
+    locustfile = Path(env_value(master, docs, "LOCUST_LOCUSTFILE"))
+    assert locustfile.parent == Path(mount["mountPath"]) and locustfile.name == "locustfile.py"
+    scenarios = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("locust-scenarios"))
+    needed = _loadtest_imports(ROOT / "loadtest" / "locustfile.py", {"__init__.py", "locustfile.py"})
+    assert needed <= set(scenarios["data"]), f"missing from the ConfigMap: {sorted(needed - set(scenarios['data']))}"
+    for key, text in scenarios["data"].items():
+        assert text == (ROOT / "loadtest" / key).read_text(), key
+
+
+def test_loadtest_waits_for_exactly_the_workers_it_starts():
+    docs = render("loadtest")
+    master, workers = find(docs, "Job", "locust-master"), find(docs, "Job", "locust-workers")
+    expected = int(env_value(master, docs, "LOCUST_EXPECT_WORKERS"))
+    assert workers["spec"]["parallelism"] == workers["spec"]["completions"] == expected
+    assert master["spec"]["backoffLimit"] == 0, "a failed verdict must not be retried into a pass"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_loadtest_reaches_nginx_under_an_allowed_host(name):
+    """The sockets' Origin is the target's host: the app must allow it."""
+    master = find(render("loadtest"), "Job", "locust-master")
+    target = re.fullmatch(r"http://([\w.-]+):(\d+)", env_value(master, render("loadtest"), "LOCUST_HOST"))
+    docs = render(name)
+    assert target and target.group(1) == "nginx"
+    assert int(target.group(2)) == find(docs, "Service", "nginx")["spec"]["ports"][0]["port"]
+    allowed = env_value(find(docs, "Deployment", "daphne"), docs, "DJANGO_ALLOWED_HOSTS").split(",")
+    assert "nginx" in allowed
+
+
+# --- docker-compose.yml ---
+
+
+def _dockerfile_command() -> list[str]:
+    return json.loads(re.search(r"^CMD\s+(\[.*\])\s*$", (ROOT / "Dockerfile").read_text(), re.M).group(1))
+
+
+def _compose_service(services: dict, role: str) -> dict:
+    assert role in services, f"docker-compose.yml has no `{role}` service"
+    return services[role]
+
+
+def test_compose_runs_the_same_images():
+    services, docs = sources.compose_services(), render("dev")
+    for role, kind in (("daphne", "Deployment"), ("gunicorn", "Deployment"), ("nginx", "Deployment"), ("redis", "StatefulSet")):
+        compose_image = sources.with_defaults(_compose_service(services, role).get("image", ""))
+        assert compose_image == image(docs, kind, role), f"{role}: compose {compose_image!r}"
+
+
+@pytest.mark.parametrize("role", sources.APP_ROLES)
+def test_compose_runs_the_same_roles_ports_and_health_paths(role):
+    service = _compose_service(sources.compose_services(), role)
+    k8s = find(render("dev"), "Deployment", role)
+    assert (sources.compose_command(service) or _dockerfile_command()) == container(k8s)["args"]
+    checks = sources.compose_healthcheck_urls(service)
+    assert checks, f"compose {role} has no http healthcheck"
+    for port, path in checks:
+        assert port == app_port(role), f"compose {role} healthcheck port {port}"
+        assert path in app_probe_paths(role).values(), f"compose {role} healthcheck path {path}"
+
+
+@pytest.mark.parametrize("role", sources.APP_ROLES)
+def test_compose_gives_the_app_the_same_variables(role):
+    """Names that differ need a reason in KUBERNETES_ONLY; REDIS_PASSWORD may
+    reach compose's REDIS_URL without being a container variable."""
+    compose = sources.compose_environment_names(_compose_service(sources.compose_services(), role))
+    docs = render("dev")
+    kubernetes = set(env_names(find(docs, "Deployment", role), docs)) - set(KUBERNETES_ONLY)
+    assert compose - {"REDIS_PASSWORD"} == kubernetes - {"REDIS_PASSWORD"}
+
+
+# --- README.md ---
+
+
+def test_readme_names_the_images_kubernetes_runs():
+    docs = render("dev")
+    expected = {image(docs, "Deployment", "daphne"), image(docs, "Deployment", "nginx")}
+    assert sources.readme_images(sources.readme()) == expected
+
+
+def test_readme_ports_are_the_container_ports():
+    docs = render("dev")
+    expected = {
+        "daphne": app_port("daphne"),
+        "gunicorn": app_port("gunicorn"),
+        "nginx": container_port(find(docs, "Deployment", "nginx")),
+        "redis": container_port(find(docs, "StatefulSet", "redis")),
+    }
+    assert sources.readme_ports(sources.readme()) == expected
+
+
+def test_readme_probe_paths_are_the_ones_kubernetes_probes():
+    documented = sources.readme_probe_paths(sources.readme())
+    for role in sources.APP_ROLES:
+        paths = app_probe_paths(role)
+        assert documented["liveness"] == {paths["livenessProbe"]}, documented
+        assert documented["readiness"] == {paths["readinessProbe"]}, documented
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_readme_lists_every_variable_kubernetes_sets(name):
+    documented = sources.readme_environment_names(sources.readme())
+    docs = render(name)
+    for role in sources.APP_ROLES:
+        missing = set(env_names(find(docs, "Deployment", role), docs)) - documented
+        assert not missing, f"README.md's environment table lacks {sorted(missing)}"
+
+
+def test_readme_states_the_kubernetes_version_the_manifests_are_validated_against():
+    assert f"Kubernetes {KUBERNETES_VERSION}" in sources.readme()
