@@ -9,8 +9,9 @@ MAKEFLAGS += --no-print-directory
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Servers the local stack and the tests run as real processes.
-SYSTEM_PACKAGES := redis-server nginx-light
+# Servers the local stack and the tests run as real processes, and the browser
+# the browser tests drive (Debian's chromium: playwright never downloads one).
+SYSTEM_PACKAGES := redis-server nginx-light chromium
 export PYTHONPATH := $(CURDIR)/app:$(CURDIR)
 
 .PHONY: help
@@ -44,3 +45,150 @@ test: venv system-packages ## run the whole test suite
 .PHONY: clean
 clean: ## remove the virtual environment and build output
 	rm -rf $(VENV) build
+
+# --- load test ---
+# make loadtest [USERS=60 SPAWN_RATE=10 DURATION=30s WORKERS=0 REPLICAS=3 SCENARIO=FanoutUser]
+# make loadtest TARGET=http://127.0.0.1:8080 [TOKEN=...]   (a running stack: compose, a cluster's entry point)
+USERS ?= 60
+SPAWN_RATE ?= 10
+DURATION ?= 30s
+WORKERS ?= 0
+REPLICAS ?= 3
+SCENARIO ?= FanoutUser
+TARGET ?=
+LOADTEST_REPORTS := loadtest/reports
+# Against the local stack every replica must deliver; an unknown target must show at least two.
+MIN_REPLICAS ?= $(if $(TARGET),2,$(REPLICAS))
+
+.PHONY: loadtest
+loadtest: venv $(if $(TARGET),,system-packages) ## headless fan-out load test with a PASS/FAIL verdict (TARGET=url, WORKERS=n)
+	@mkdir -p $(LOADTEST_REPORTS)
+	@$(if $(TARGET),$(if $(TOKEN),BROADCAST_TOKEN='$(TOKEN)'),$(BIN)/python -m loadtest.with_stack --replicas $(REPLICAS) --log $(LOADTEST_REPORTS)/stack.log --) \
+	  $(BIN)/locust -f loadtest/locustfile.py --headless --only-summary $(if $(TARGET),--host '$(TARGET)') \
+	  --users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(DURATION) \
+	  $(if $(filter-out 0,$(WORKERS)),--processes $(WORKERS)) --min-replicas $(MIN_REPLICAS) \
+	  --csv $(LOADTEST_REPORTS)/fanout --html $(LOADTEST_REPORTS)/fanout.html \
+	  --summary-file $(LOADTEST_REPORTS)/fanout-summary.txt $(LOCUST_ARGS) $(SCENARIO)
+
+# --- kubernetes ---
+# checkov lives in its own virtual env: its dependency tree is large and must
+# not constrain the app's. The manifest tests (make test) run it from there.
+CHECKOV_VENV := .venv-checkov
+K8S_RENDERED := build/k8s
+
+$(CHECKOV_VENV)/.installed: requirements/checkov.lock
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --require-hashes -r requirements/checkov.lock
+	touch $@
+
+.PHONY: checkov-venv
+checkov-venv: $(CHECKOV_VENV)/.installed ## create .venv-checkov (the manifest policy scanner) from its lock
+
+.PHONY: checkov-lock
+checkov-lock: ## re-resolve requirements/checkov.in into checkov.lock (needs uv)
+	cd requirements && uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes checkov.in -o checkov.lock
+
+.PHONY: k8s-check
+k8s-check: venv checkov-venv ## render the k8s overlays and loadtest; schema, policy and consistency checks
+	@echo "kubectl kustomize:"
+	@$(BIN)/python -m tests.manifests.render $(K8S_RENDERED)
+	$(BIN)/pytest -q -m manifests tests/manifests
+
+# The policy scan is part of the suite, so the suite needs its scanner.
+test: checkov-venv
+
+# --- containers ---
+# make images-offline && make up      no registry needed: base images from Debian packages
+# make up [REPLICAS=3] | scale N=5 | logs | ps | down
+# PROJECT and ENV_FILE pick another stack (the e2e tests run their own on a free NGINX_PORT).
+PROJECT ?= channels-blueprint
+ENV_FILE ?= .env
+WHEELHOUSE := build/wheelhouse
+BASE_IMAGES_ENV := build/base-images.env
+HEALTHY_TIMEOUT ?= 180
+COMPOSE_COMMAND := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+# The env file is optional for building, so it is passed only once it exists.
+COMPOSE = $(COMPOSE_COMMAND) --project-name $(PROJECT) $$([ ! -f $(ENV_FILE) ] || echo --env-file $(ENV_FILE))
+# Image names recorded by images-offline, for those not set in the environment
+# or on the command line. Read when a recipe runs, so `make images-offline up` works.
+WITH_BASE_IMAGES = if [ -f $(BASE_IMAGES_ENV) ]; then \
+	  while IFS== read -r name value; do [ -n "$${!name:-}" ] || export "$$name=$$value"; done < $(BASE_IMAGES_ENV); fi;
+# pip 23 matches a manylinux_2_28 wheel only when told that tag exactly: list
+# every glibc level up to Debian 12's 2.36.
+WHEEL_ARCH := $(shell uname -m)
+WHEEL_PLATFORMS := $(foreach level,$(shell seq 17 36),--platform manylinux_2_$(level)_$(WHEEL_ARCH)) \
+	$(foreach tag,manylinux1 manylinux2010 manylinux2014,--platform $(tag)_$(WHEEL_ARCH))
+
+build/wheelhouse.stamp: requirements/app.lock | $(BIN)/.installed
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --require-hashes --only-binary=:all: \
+	  --implementation cp --python-version 3.11 --abi cp311 $(WHEEL_PLATFORMS) \
+	  --dest $(WHEELHOUSE) -r requirements/app.lock
+	touch $@
+
+.PHONY: wheelhouse
+wheelhouse: build/wheelhouse.stamp ## download the locked wheels (hash-checked) that the image build installs offline
+
+.PHONY: images
+images: wheelhouse ## build the app and nginx images (on PYTHON_IMAGE / NGINX_IMAGE)
+	@$(WITH_BASE_IMAGES) started=$$SECONDS; \
+	  echo "building on $${PYTHON_IMAGE:-the default python image} and $${NGINX_IMAGE:-the default nginx image}"; \
+	  $(COMPOSE) build daphne nginx; \
+	  echo "images built in $$((SECONDS - started)) s"
+
+.PHONY: images-offline
+images-offline: wheelhouse ## build python, redis and nginx base images from Debian packages, then the images on them
+	@mkdir -p build
+	deploy/images/build-base-images.sh $(if $(FORCE),--force) > $(BASE_IMAGES_ENV).tmp
+	@mv $(BASE_IMAGES_ENV).tmp $(BASE_IMAGES_ENV)
+	@$(MAKE) images
+
+# Only when missing: an existing env file, secrets included, is never rewritten.
+$(ENV_FILE):
+	@umask 077 && cp .env.example $@.tmp && \
+	  for name in DJANGO_SECRET_KEY REDIS_PASSWORD BROADCAST_TOKEN; do \
+	    sed -i "s/^$$name=$$/$$name=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" $@.tmp; \
+	  done && mv $@.tmp $@ && echo "wrote $@ with new random secrets"
+
+.PHONY: up
+up: images $(ENV_FILE) ## build and start redis, REPLICAS daphne (3), gunicorn and nginx; wait until healthy
+	@$(WITH_BASE_IMAGES) $(COMPOSE) up --detach --remove-orphans --scale daphne=$(REPLICAS)
+	@$(PYTHON) -m deploy.compose_health --timeout $(HEALTHY_TIMEOUT) $$($(COMPOSE) ps -q)
+	@echo "up: http://$$($(COMPOSE) port nginx 8080)/ with $(REPLICAS) daphne replicas"
+
+.PHONY: scale
+scale: ## change the number of daphne replicas (N=5) without touching open sockets, then reload nginx
+	@[ -n "$(N)" ] || { echo "usage: make scale N=5" >&2; exit 2; }
+	@$(WITH_BASE_IMAGES) $(COMPOSE) up --detach --no-deps --no-recreate --scale daphne=$(N) daphne
+	@$(PYTHON) -m deploy.compose_health --timeout $(HEALTHY_TIMEOUT) $$($(COMPOSE) ps -q daphne)
+	@# nginx resolves `daphne` only when it loads its config: SIGHUP reloads it.
+	@docker kill --signal SIGHUP $$($(COMPOSE) ps -q nginx) >/dev/null
+	@echo "scaled to $(N) daphne replicas; nginx reloaded"
+
+.PHONY: down
+down: ## stop the stack and remove its containers, network and volumes
+	$(COMPOSE) --profile loadtest down --volumes --remove-orphans
+
+.PHONY: logs
+logs: ## follow the stack's logs
+	@$(COMPOSE) logs --follow --tail=100
+
+.PHONY: ps
+ps: ## list the stack's containers and their health
+	@$(COMPOSE) ps
+
+# --- local stack ---
+# make demo [PORT=8080] [REPLICAS=3]   the scaled topology as local processes, checked, then served until Ctrl-C
+# make check-fanout                    the same stack and check, exits with the verdict
+# make check-fanout TARGET=http://127.0.0.1:8080 [TOKEN=...] [REPLICAS=3]   only the check, on a running stack
+PORT ?=
+TOKEN ?=
+
+.PHONY: demo
+demo: venv system-packages ## local stack (redis, REPLICAS daphne, gunicorn, nginx) + fan-out check, then serve until Ctrl-C (PORT=8080)
+	@$(BIN)/python -m deploy.stack --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check --serve
+
+.PHONY: check-fanout
+check-fanout: venv system-packages ## fan-out matrix and verdict on a fresh local stack, or on TARGET=url (TOKEN=, REPLICAS=)
+	@$(if $(TARGET),$(if $(TOKEN),BROADCAST_TOKEN='$(TOKEN)') $(BIN)/python -m loadtest.fanout_check --target '$(TARGET)' --expect-replicas $(REPLICAS),$(BIN)/python -m deploy.stack --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "nginx" / "nginx.conf.template"
+DAPHNE_SERVER_OPTIONS = "max_fails=0"
 PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 
 
@@ -42,8 +43,12 @@ def values_for(
     return {
         "NGINX_LISTEN_PORT": str(port),
         "NGINX_RUNTIME_DIR": runtime_dir,
-        # A replica that fails a handshake is skipped for a few seconds.
-        "DAPHNE_SERVERS": server_lines(daphne, "max_fails=1 fail_timeout=5s"),
+        # max_fails=0: never mark a replica down. A refused connect is retried
+        # on the next replica within the same handshake (proxy_next_upstream),
+        # and with least_conn, marking replicas down during a rolling restart
+        # left nginx answering "no live upstreams" (502) for tens of seconds
+        # after every replica was back (seen in test_rolling_restart).
+        "DAPHNE_SERVERS": server_lines(daphne, DAPHNE_SERVER_OPTIONS),
         "GUNICORN_SERVERS": server_lines(gunicorn),
         "NGINX_RESOLVER": f"resolver {resolver} valid=5s;" if resolver else "",
     }

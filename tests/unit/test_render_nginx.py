@@ -52,7 +52,7 @@ def test_a_compose_like_rendering_with_names_and_a_resolver_passes_nginx_t(tmp_p
     ]) == 0
     text = output.read_text()
     assert "resolver 127.0.0.11 valid=5s;" in text
-    assert "server localhost:8000 max_fails=1 fail_timeout=5s;" in text
+    assert "server localhost:8000 max_fails=0;" in text
     nginx_t(text, tmp_path)
 
 

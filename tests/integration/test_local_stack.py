@@ -1,0 +1,37 @@
+"""The whole scaled topology on one machine: fan-out across every pair of replicas through nginx."""
+import pytest
+
+from loadtest.fanout_check import run_fanout_check
+from tests.integration.running_stack import checked_stack, local_stack  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.stack
+
+
+async def test_sixty_sockets_in_six_rooms_get_every_message_from_every_replica_and_the_api(local_stack):  # noqa: F811
+    report = await run_fanout_check(
+        local_stack.url, rooms=6, clients_per_room=10, expect_replicas=3, broadcast_token=local_stack.broadcast_token
+    )
+    print(report.render())
+    assert report.ok, report.render()
+    assert report.replicas == set(local_stack.replica_names)
+    assert sum(report.sockets.values()) == 60
+    # Every socket got one message from each replica and one from the API:
+    # a column of the matrix is the number of sockets on that replica.
+    for origin in [*local_stack.replica_names, "gunicorn"]:
+        for served_by in local_stack.replica_names:
+            assert report.matrix[(origin, served_by)] == report.sockets[served_by], report.render()
+    assert "gunicorn" in report.render() and "p99" in report.render()
+
+
+async def test_the_check_fails_when_replicas_do_not_share_a_channel_layer():
+    # Each replica with its own in-memory layer: the topology the blueprint
+    # exists to avoid. The check must see every cross-replica loss.
+    with checked_stack(replicas=2, channel_layer="memory") as stack:
+        report = await run_fanout_check(
+            stack.url, rooms=2, clients_per_room=4, expect_replicas=2, broadcast_token=stack.broadcast_token, timeout=3
+        )
+    assert not report.ok
+    assert report.matrix.get(("daphne-1", "daphne-2"), 0) == 0
+    assert any("never got daphne-1's message" in problem for problem in report.problems), report.problems
+    assert "no delivery from daphne-1 to a socket on daphne-2" in report.problems
+    assert "verdict: FAIL" in report.render()
