@@ -10,13 +10,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Servers the local stack and the tests run as real processes, and the browser
-# the browser tests drive (Debian's chromium: playwright never downloads one).
-SYSTEM_PACKAGES := redis-server nginx-light chromium
+# the browser tests drive (Debian's chromium: playwright never downloads one),
+# and mmdebstrap, which builds the container tests' base images with no registry.
+SYSTEM_PACKAGES := redis-server nginx-light chromium mmdebstrap
 export PYTHONPATH := $(CURDIR)/app:$(CURDIR)
 
 .PHONY: help
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/.installed: requirements/app.lock requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +35,7 @@ system-packages: ## install redis-server and nginx with apt (as root), or name w
 
 .PHONY: lock
 lock: ## re-resolve requirements/*.in into the hashed lock files (needs uv)
-	cd requirements && for name in app dev; do \
+	cd requirements && for name in app dev checkov; do \
 	  uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes $$name.in -o $$name.lock; \
 	done
 
@@ -44,7 +45,7 @@ test: venv system-packages ## run the whole test suite
 
 .PHONY: clean
 clean: ## remove the virtual environment and build output
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(CHECKOV_VENV) build
 
 # --- load test ---
 # make loadtest [USERS=60 SPAWN_RATE=10 DURATION=30s WORKERS=0 REPLICAS=3 SCENARIO=FanoutUser]
@@ -85,10 +86,6 @@ $(CHECKOV_VENV)/.installed: requirements/checkov.lock
 .PHONY: checkov-venv
 checkov-venv: $(CHECKOV_VENV)/.installed ## create .venv-checkov (the manifest policy scanner) from its lock
 
-.PHONY: checkov-lock
-checkov-lock: ## re-resolve requirements/checkov.in into checkov.lock (needs uv)
-	cd requirements && uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes checkov.in -o checkov.lock
-
 .PHONY: k8s-check
 k8s-check: venv checkov-venv ## render the k8s overlays and loadtest; schema, policy and consistency checks
 	@echo "kubectl kustomize:"
@@ -100,13 +97,16 @@ test: checkov-venv
 
 # --- containers ---
 # make images-offline && make up      no registry needed: base images from Debian packages
-# make up [REPLICAS=3] | scale N=5 | logs | ps | down
+# make up [REPLICAS=3] [LOCUST_WORKERS=2] | scale N=5 | logs | ps | down
 # PROJECT and ENV_FILE pick another stack (the e2e tests run their own on a free NGINX_PORT).
 PROJECT ?= channels-blueprint
 ENV_FILE ?= .env
 WHEELHOUSE := build/wheelhouse
 BASE_IMAGES_ENV := build/base-images.env
 HEALTHY_TIMEOUT ?= 180
+# make up LOCUST_WORKERS=2 also starts the loadtest profile: locust master (web UI) and workers.
+LOCUST_WORKERS ?= 0
+LOADTEST_PROFILE = $(if $(filter-out 0,$(LOCUST_WORKERS)),--profile loadtest)
 COMPOSE_COMMAND := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 # The env file is optional for building, so it is passed only once it exists.
 COMPOSE = $(COMPOSE_COMMAND) --project-name $(PROJECT) $$([ ! -f $(ENV_FILE) ] || echo --env-file $(ENV_FILE))
@@ -152,18 +152,21 @@ $(ENV_FILE):
 	  done && mv $@.tmp $@ && echo "wrote $@ with new random secrets"
 
 .PHONY: up
-up: images $(ENV_FILE) ## build and start redis, REPLICAS daphne (3), gunicorn and nginx; wait until healthy
-	@$(WITH_BASE_IMAGES) $(COMPOSE) up --detach --remove-orphans --scale daphne=$(REPLICAS)
+up: images $(ENV_FILE) ## build and start redis, REPLICAS daphne (3), gunicorn, nginx [and LOCUST_WORKERS]; wait until healthy
+	@$(WITH_BASE_IMAGES) $(COMPOSE) $(LOADTEST_PROFILE) up --detach --remove-orphans --scale daphne=$(REPLICAS) \
+	  $(if $(LOADTEST_PROFILE),--scale locust-worker=$(LOCUST_WORKERS))
 	@$(PYTHON) -m deploy.compose_health --timeout $(HEALTHY_TIMEOUT) $$($(COMPOSE) ps -q)
 	@echo "up: http://$$($(COMPOSE) port nginx 8080)/ with $(REPLICAS) daphne replicas"
+	@$(if $(LOADTEST_PROFILE),echo "locust: http://$$($(COMPOSE) $(LOADTEST_PROFILE) port locust-master 8089)/ with $(LOCUST_WORKERS) workers")
 
 .PHONY: scale
 scale: ## change the number of daphne replicas (N=5) without touching open sockets, then reload nginx
 	@[ -n "$(N)" ] || { echo "usage: make scale N=5" >&2; exit 2; }
 	@$(WITH_BASE_IMAGES) $(COMPOSE) up --detach --no-deps --no-recreate --scale daphne=$(N) daphne
 	@$(PYTHON) -m deploy.compose_health --timeout $(HEALTHY_TIMEOUT) $$($(COMPOSE) ps -q daphne)
-	@# nginx resolves `daphne` only when it loads its config: SIGHUP reloads it.
-	@docker kill --signal SIGHUP $$($(COMPOSE) ps -q nginx) >/dev/null
+	@# nginx resolves `daphne` only when it loads its config: reload it, and
+	@# wait until its new workers take the connections.
+	@$(COMPOSE) exec -T nginx /etc/nginx/blueprint/docker-entrypoint.sh reload
 	@echo "scaled to $(N) daphne replicas; nginx reloaded"
 
 .PHONY: down
@@ -192,3 +195,16 @@ demo: venv system-packages ## local stack (redis, REPLICAS daphne, gunicorn, ngi
 .PHONY: check-fanout
 check-fanout: venv system-packages ## fan-out matrix and verdict on a fresh local stack, or on TARGET=url (TOKEN=, REPLICAS=)
 	@$(if $(TARGET),$(if $(TOKEN),BROADCAST_TOKEN='$(TOKEN)') $(BIN)/python -m loadtest.fanout_check --target '$(TARGET)' --expect-replicas $(REPLICAS),$(BIN)/python -m deploy.stack --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check)
+
+# --- benchmark ---
+# make bench [BENCH_CONFIGS=raw,daphne-pubsub]   every configuration on fresh 3-replica local stacks, ≤ 15 min
+# make bench-smoke                               the same code path with small numbers (also run by make test)
+BENCH_CONFIGS ?=
+
+.PHONY: bench
+bench: venv system-packages ## capacity benchmark against the raw baseline: loadtest/reports/bench.{json,md,png}
+	@$(BIN)/python -m loadtest.bench $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
+
+.PHONY: bench-smoke
+bench-smoke: venv system-packages ## the benchmark with small numbers, in under 2 minutes: loadtest/reports/bench-smoke.*
+	@$(BIN)/python -m loadtest.bench --smoke $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))

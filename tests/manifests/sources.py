@@ -45,6 +45,14 @@ def entrypoint_port(role: str) -> int:
     return ports.pop()
 
 
+def app_drain_timeout_default() -> float:
+    """DRAIN_TIMEOUT_SECONDS's default in the draining Daphne server."""
+    text = (ROOT / "app" / "realtime" / "server.py").read_text()
+    default = re.search(r"""["']DRAIN_TIMEOUT_SECONDS["']\s*,\s*["']?([\d.]+)""", text)
+    assert default, "app/realtime/server.py no longer reads DRAIN_TIMEOUT_SECONDS with a default"
+    return float(default.group(1))
+
+
 def nginx_placeholders() -> set[str]:
     return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", NGINX_TEMPLATE.read_text()))
 
@@ -103,9 +111,9 @@ def readme_ports(text: str) -> dict[str, int]:
 
 
 def readme_probe_paths(text: str) -> dict[str, set[str]]:
-    """Paths written as `GET /path` (or `/path`) followed by liveness or readiness."""
+    """Paths written as `GET /path` (or `/path`), then (`is`) liveness or readiness."""
     found: dict[str, set[str]] = {"liveness": set(), "readiness": set()}
-    for path, kind in re.findall(r"`(?:GET\s+)?(/[\w/.-]*)`\W{0,3}(liveness|readiness)", text, re.I):
+    for path, kind in re.findall(r"`(?:GET\s+)?(/[\w/.-]*)`\W{0,3}(?:is\s+)?(liveness|readiness)", text, re.I):
         found[kind.lower()].add(path)
     return found
 

@@ -7,13 +7,14 @@ fails here.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import socket
 from pathlib import Path
 
-import locust
 import pytest
+from asgiref.sync import sync_to_async
 from django.test import AsyncClient, Client
 
 from tests.manifests import sources
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.manifests
 
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
 APP_IMAGE_REPOSITORY = "channels-blueprint"
+# Found, not imported: importing locust monkey-patches the process with gevent.
+LOCUST_PACKAGE = Path(importlib.util.find_spec("locust").origin).parent
 # Read by a program that is not Python or shell in this repository.
 READ_ELSEWHERE = {"REDISCLI_AUTH": "redis-cli's password, for the Redis readiness probe"}
 # Set by Kubernetes only, with the reason compose does without.
@@ -63,17 +66,13 @@ def image(docs, kind: str, name: str) -> str:
 # --- the app and its image ---
 
 
-def _get(role: str, path: str, port: int):
-    """A GET as the kubelet sends it: to the pod IP, which is also the Host."""
-    headers = {"HTTP_HOST": f"10.244.1.17:{port}"}
-    if role == "daphne":  # ASGI, as Daphne serves it
-        return AsyncClient().get(path, **headers)
-    return Client().get(path, **headers)
-
-
 async def _status(role: str, path: str, port: int) -> int:
-    response = _get(role, path, port)
-    return (await response if role == "daphne" else response).status_code
+    """A GET as the kubelet sends it: to the pod IP, which is also the Host;
+    through ASGI for daphne, WSGI for gunicorn, as each serves it."""
+    headers = {"HTTP_HOST": f"10.244.1.17:{port}"}
+    if role == "daphne":
+        return (await AsyncClient().get(path, **headers)).status_code
+    return (await sync_to_async(Client().get)(path, **headers)).status_code
 
 
 @pytest.mark.parametrize("role", sources.APP_ROLES)
@@ -99,7 +98,8 @@ async def test_probe_paths_are_the_apps_liveness_and_readiness(role, settings):
 @pytest.mark.parametrize("role", sources.APP_ROLES)
 def test_app_ports_are_the_ones_the_image_binds(role):
     port = app_port(role)
-    assert port == sources.entrypoint_port(role), f"{role}: container port {port} but deploy/entrypoint.sh binds another"
+    bound = sources.entrypoint_port(role)
+    assert port == bound, f"{role}: container port {port}, but deploy/entrypoint.sh binds {bound}"
     for name in KUSTOMIZATIONS:
         for service in of_kind(render(name), "Service"):
             if service["metadata"]["name"] == role:
@@ -139,17 +139,36 @@ def test_every_variable_is_read_by_what_receives_it(name):
     appear in the code that reads it, or be used by another variable."""
     app_code = _source_texts([*sorted((ROOT / "app").rglob("*.py")), sources.ENTRYPOINT])
     locust_code = _source_texts(
-        [Path(locust.__file__).parent / "argument_parser.py", *sorted((ROOT / "loadtest").glob("*.py"))]
+        [LOCUST_PACKAGE / "argument_parser.py", *sorted((ROOT / "loadtest").glob("*.py"))]
     )
+    nginx_code = _source_texts([sources.NGINX_TEMPLATE, ROOT / "nginx" / "docker-entrypoint.sh"])
     docs = render(name)
     for workload in workloads(docs):
         spec = container(workload)
-        readers = locust_code if spec.get("args", [""])[0] == "locust" else app_code
+        repository = spec["image"].split(":")[0]
+        if repository == APP_IMAGE_REPOSITORY:
+            readers = locust_code if spec["args"][0] == "locust" else app_code
+        else:  # redis reads no variable itself: only $(...) and READ_ELSEWHERE ones
+            readers = nginx_code if repository == "channels-blueprint-nginx" else ""
         referenced = set(re.findall(r"\$\(([A-Z0-9_]+)\)", json.dumps(spec)))
         for variable in env_names(workload, docs):
             if variable in referenced or variable in READ_ELSEWHERE:
                 continue
             assert _is_read(variable, readers), f"{workload['metadata']['name']}: nothing reads {variable}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_daphne_drain_fits_in_its_grace_period(name):
+    """The kubelet kills at terminationGracePeriodSeconds: the preStop pause
+    and the app's drain timeout must both fit before it."""
+    docs = render(name)
+    daphne = find(docs, "Deployment", "daphne")
+    pause = container(daphne)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    try:
+        drain = float(env_value(daphne, docs, "DRAIN_TIMEOUT_SECONDS"))
+    except KeyError:
+        drain = sources.app_drain_timeout_default()
+    assert daphne["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pause + drain
 
 
 # --- nginx ---
@@ -243,7 +262,8 @@ def _compose_service(services: dict, role: str) -> dict:
 
 def test_compose_runs_the_same_images():
     services, docs = sources.compose_services(), render("dev")
-    for role, kind in (("daphne", "Deployment"), ("gunicorn", "Deployment"), ("nginx", "Deployment"), ("redis", "StatefulSet")):
+    kinds = {"daphne": "Deployment", "gunicorn": "Deployment", "nginx": "Deployment", "redis": "StatefulSet"}
+    for role, kind in kinds.items():
         compose_image = sources.with_defaults(_compose_service(services, role).get("image", ""))
         assert compose_image == image(docs, kind, role), f"{role}: compose {compose_image!r}"
 
@@ -260,14 +280,16 @@ def test_compose_runs_the_same_roles_ports_and_health_paths(role):
         assert path in app_probe_paths(role).values(), f"compose {role} healthcheck path {path}"
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
 @pytest.mark.parametrize("role", sources.APP_ROLES)
-def test_compose_gives_the_app_the_same_variables(role):
-    """Names that differ need a reason in KUBERNETES_ONLY; REDIS_PASSWORD may
-    reach compose's REDIS_URL without being a container variable."""
+def test_compose_passes_every_variable_kubernetes_sets(role, name):
+    """One vocabulary: a name Kubernetes sets is one compose passes too (compose
+    may pass more, empty by default, for .env to fill). REDIS_PASSWORD only
+    builds REDIS_URL in both; KUBERNETES_ONLY names say why compose lacks them."""
     compose = sources.compose_environment_names(_compose_service(sources.compose_services(), role))
-    docs = render("dev")
-    kubernetes = set(env_names(find(docs, "Deployment", role), docs)) - set(KUBERNETES_ONLY)
-    assert compose - {"REDIS_PASSWORD"} == kubernetes - {"REDIS_PASSWORD"}
+    docs = render(name)
+    kubernetes = set(env_names(find(docs, "Deployment", role), docs)) - set(KUBERNETES_ONLY) - {"REDIS_PASSWORD"}
+    assert not kubernetes - compose, f"set by Kubernetes, unknown to compose's {role}: {sorted(kubernetes - compose)}"
 
 
 # --- README.md ---
@@ -299,12 +321,13 @@ def test_readme_probe_paths_are_the_ones_kubernetes_probes():
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_readme_lists_every_variable_kubernetes_sets(name):
+def test_readme_lists_every_variable_kubernetes_and_compose_set(name):
     documented = sources.readme_environment_names(sources.readme())
-    docs = render(name)
+    docs, services = render(name), sources.compose_services()
     for role in sources.APP_ROLES:
-        missing = set(env_names(find(docs, "Deployment", role), docs)) - documented
-        assert not missing, f"README.md's environment table lacks {sorted(missing)}"
+        names = set(env_names(find(docs, "Deployment", role), docs))
+        names |= sources.compose_environment_names(_compose_service(services, role))
+        assert not names - documented, f"README.md's environment table lacks {sorted(names - documented)}"
 
 
 def test_readme_states_the_kubernetes_version_the_manifests_are_validated_against():

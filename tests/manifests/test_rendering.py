@@ -142,14 +142,6 @@ def test_every_deployment_has_a_disruption_budget_and_a_careful_rollout(name):
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_daphne_drain_fits_in_its_grace_period(name):
-    daphne = find(render(name), "Deployment", "daphne")
-    pause = container(daphne)["lifecycle"]["preStop"]["sleep"]["seconds"]
-    # After the pause, Daphne needs time to close its sockets and leave its groups.
-    assert pod_spec(daphne)["terminationGracePeriodSeconds"] >= pause + 30
-
-
-@pytest.mark.parametrize("name", OVERLAYS)
 def test_only_app_pods_reach_redis_and_only_nginx_reaches_app_pods(name):
     docs = render(name)
     policies = {doc["metadata"]["name"]: doc["spec"] for doc in of_kind(docs, "NetworkPolicy")}
@@ -170,8 +162,8 @@ def test_only_app_pods_reach_redis_and_only_nginx_reaches_app_pods(name):
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_every_object_carries_the_blueprint_labels(name):
     for doc in render(name):
-        labels = doc["metadata"].get("labels", {})
-        assert labels.get("app.kubernetes.io/part-of") == "channels-blueprint", f"{doc['kind']} {doc['metadata']['name']}"
+        part_of = doc["metadata"].get("labels", {}).get("app.kubernetes.io/part-of")
+        assert part_of == "channels-blueprint", f"{doc['kind']} {doc['metadata']['name']}"
     for workload in workloads(render(name)):
         template_labels = workload["spec"]["template"]["metadata"]["labels"]
         assert template_labels.get("app.kubernetes.io/part-of") == "channels-blueprint"
