@@ -261,6 +261,7 @@ class LocalStack:
             # Its control socket lives at one path per user (~/.gunicorn):
             # stacks running side by side would take it from each other.
             "--no-control-socket",
+            "--config", str(REPO / "deploy" / "gunicorn_conf.py"),
             "config.wsgi:application",
         ]
 

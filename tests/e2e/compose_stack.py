@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -31,10 +32,32 @@ def compose_command() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
+COMPOSE_FILE = REPO / "docker-compose.yml"
+# ${NAME}, ${NAME:-default}, ${NAME-default}; $${...} is an escaped literal for the container's shell.
+COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def compose_variables() -> dict[str, str]:
+    """Every variable docker-compose.yml reads, with its default ('' when none)."""
+    defaults: dict[str, str] = {}
+    for name, default in COMPOSE_VARIABLE.findall(COMPOSE_FILE.read_text()):
+        assert defaults.get(name, default) == default, f"{name} has two defaults in docker-compose.yml"
+        defaults[name] = default
+    return defaults
+
+
+def stack_environment() -> dict[str, str]:
+    """This process's environment minus what compose would take from it: the
+    shell beats the env file in compose, and the test settings export
+    CHANNEL_LAYER=memory and test secrets that must not reach the containers."""
+    return {name: value for name, value in os.environ.items() if name not in compose_variables()}
+
+
 def run(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """Run a command; on failure raise with the tail of its output."""
     result = subprocess.run(
-        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+        env=stack_environment(), **kwargs
     )
     if result.returncode != 0:
         output = (result.stdout + result.stderr)[-FAILURE_TAIL:]

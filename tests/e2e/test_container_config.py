@@ -15,23 +15,11 @@ import pytest
 import yaml
 
 from deploy.render_nginx import values_for
-from deploy.stack import DAPHNE_PING_INTERVAL
-from tests.e2e.compose_stack import APP_IMAGE, NGINX_APP_IMAGE, REPO
+from deploy.stack import DAPHNE_PING_INTERVAL, DAPHNE_PING_TIMEOUT
+from tests.e2e.compose_stack import APP_IMAGE, COMPOSE_FILE, NGINX_APP_IMAGE, REPO, compose_variables
 
-COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILES = [REPO / "Dockerfile", REPO / "nginx" / "Dockerfile"]
-# ${NAME}, ${NAME:-default}, ${NAME-default}; $${...} is an escaped literal for the container's shell.
-COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)(?::?-([^}]*))?\}")
-
-
-def compose_defaults() -> dict[str, str]:
-    """Every variable docker-compose.yml reads, with its default ('' when none)."""
-    defaults: dict[str, str] = {}
-    for name, default in COMPOSE_VARIABLE.findall(COMPOSE_FILE.read_text()):
-        assert defaults.get(name, default) == default, f"{name} has two defaults in docker-compose.yml"
-        defaults[name] = default
-    return defaults
 
 
 def env_example() -> dict[str, str]:
@@ -58,15 +46,15 @@ def test_dockerfiles_pass_hadolint():
 
 
 def test_every_compose_variable_is_documented_in_env_example():
-    documented, read = set(env_example()), set(compose_defaults())
+    documented, read = set(env_example()), set(compose_variables())
     assert read - documented == set(), "read by docker-compose.yml, missing from .env.example"
     # The image variables are read by the Makefile and the builds as well.
     assert documented - read == set(), "in .env.example, read by nobody"
 
 
-def test_env_example_shows_the_compose_defaults():
+def test_env_example_shows_the_compose_variables():
     shown = env_example()
-    assert {name: shown[name] for name in compose_defaults()} == compose_defaults()
+    assert {name: shown[name] for name in compose_variables()} == compose_variables()
 
 
 @pytest.mark.parametrize(
@@ -80,7 +68,7 @@ def test_env_example_shows_the_compose_defaults():
     ],
 )
 def test_image_defaults_are_pinned_and_agree(variable, pinned_in):
-    default = compose_defaults()[variable]
+    default = compose_variables()[variable]
     if pinned_in:
         assert dockerfile_arg(REPO / pinned_in, variable) == default
     name, _, tag = default.rpartition(":")
@@ -107,4 +95,5 @@ def test_scaled_service_has_no_fixed_name_or_host_port():
 
 def test_daphne_pings_like_the_local_stack():
     entrypoint = (REPO / "deploy" / "entrypoint.sh").read_text()
-    assert f"--ping-interval {DAPHNE_PING_INTERVAL} " in entrypoint
+    assert f"--ping-interval {DAPHNE_PING_INTERVAL} --ping-timeout {DAPHNE_PING_TIMEOUT} " in entrypoint
+    assert "-m realtime.server " in entrypoint, "the replicas run Daphne with the graceful drain"
