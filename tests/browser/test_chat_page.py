@@ -1,10 +1,10 @@
 """Two real browser tabs on the chat page, served by different replicas, chat with each other."""
-import os
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from tests.required import unavailable
 from tests.integration.running_stack import local_stack  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.stack]
@@ -16,10 +16,7 @@ ROOM = "browsers"
 @pytest.fixture
 def browser():
     if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: apt-get install chromium (make system-packages does it as root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{CHROMIUM} is missing: apt-get install chromium (make system-packages does it as root)")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-background-networking"]

@@ -144,7 +144,3 @@ class ComposeStack:
         ):
             found += [f"{kind} {name}" for name in run(args, timeout=60).stdout.split()]
         return found
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"

@@ -2,6 +2,7 @@
 import pytest
 
 from loadtest.fanout_check import run_fanout_check
+from tests.processes import status_of
 from tests.integration.running_stack import checked_stack, local_stack  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.stack
@@ -21,6 +22,11 @@ async def test_sixty_sockets_in_six_rooms_get_every_message_from_every_replica_a
         for served_by in local_stack.replica_names:
             assert report.matrix[(origin, served_by)] == report.sockets[served_by], report.render()
     assert "gunicorn" in report.render() and "p99" in report.render()
+
+    # Metrics are scraped from each replica, never served through the entry point.
+    assert status_of(f"{local_stack.url}/metrics") == 404
+    for name, port in local_stack.replica_ports.items():
+        assert status_of(f"http://127.0.0.1:{port}/metrics") == 200, name
 
 
 async def test_the_check_fails_when_replicas_do_not_share_a_channel_layer():

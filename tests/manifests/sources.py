@@ -5,11 +5,12 @@ tests to compare with the rendered manifests.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.required import unavailable
 import yaml
 
 from tests.manifests.render import ROOT
@@ -28,10 +29,7 @@ def required(path: Path) -> Path:
     """A file another part of the project writes: in CI it must exist; elsewhere
     its absence skips the comparison with a visible reason."""
     if not path.exists():
-        reason = f"{path.relative_to(ROOT)} does not exist yet: nothing to compare the manifests with"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"{path.relative_to(ROOT)} does not exist yet: nothing to compare the manifests with")
     return path
 
 

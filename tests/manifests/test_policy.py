@@ -5,11 +5,11 @@ with its reason, are in k8s/checkov.yaml.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
 
+from tests.required import unavailable
 from tests.manifests.render import K8S, KUSTOMIZATIONS, ROOT, render_text
 
 pytestmark = pytest.mark.manifests
@@ -20,10 +20,7 @@ CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
 @pytest.fixture(scope="module")
 def checkov():
     if not CHECKOV.exists():
-        reason = f"{CHECKOV.relative_to(ROOT)} is missing: run `make checkov-venv`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"{CHECKOV.relative_to(ROOT)} is missing: run `make checkov-venv`")
     return str(CHECKOV)
 
 
