@@ -51,9 +51,11 @@ class CpuMeter:
         self.began, self.cpu = time.monotonic(), self._cpu()
 
     def read(self) -> dict[str, float]:
+        """Shares since ``start``; ``seconds`` holds the CPU seconds themselves."""
         wall = time.monotonic() - self.began
         now = self._cpu()
-        return {name: round((now[name] - self.cpu[name]) / wall, 3) for name in now}
+        self.seconds = {name: now[name] - self.cpu[name] for name in now}
+        return {name: round(used / wall, 3) for name, used in self.seconds.items()}
 
 
 def rss_bytes(pid: int) -> int:

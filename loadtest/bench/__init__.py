@@ -1,0 +1,2 @@
+"""The capacity benchmark: fan-out throughput, latency and memory of each
+configuration against a raw baseline (`make bench`, `make bench-smoke`)."""

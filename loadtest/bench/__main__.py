@@ -1,0 +1,109 @@
+"""Run the capacity benchmark: every configuration, one after the other, on fresh local stacks.
+
+    python -m loadtest.bench                      # the full benchmark (make bench)
+    python -m loadtest.bench --smoke              # same code path, small numbers (make bench-smoke)
+    python -m loadtest.bench --configs raw,daphne-pubsub --out /tmp/bench
+
+Writes <out>.json, <out>.md and <out>.png and prints the table. Traffic goes
+only to the loopback stacks it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from deploy.stack import StackError, nginx_binary
+from loadtest.bench import procstats, report
+from loadtest.bench.configs import CONFIGURATIONS, by_name
+from loadtest.bench.loadgen import ConnectError
+from loadtest.bench.runner import SMOKE_PLAN, Plan, plan_dict, run_configuration
+
+REPORTS = Path("loadtest/reports")
+# Each process has its own limit: the generator holds one file per socket, an
+# nginx worker two per socket it proxies (its share of them), a replica one.
+SPARE_FILES = 2048
+
+
+def _exit_on_signal(signum, frame):
+    # Unwinds through the stack's ``with``: its processes live in their own sessions.
+    raise SystemExit(128 + signum)
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small numbers: proves the benchmark still works, measures nothing")
+    parser.add_argument("--configs", default=",".join(c.name for c in CONFIGURATIONS), help="comma-separated configuration names")
+    parser.add_argument("--out", type=Path, help="output path without suffix (default loadtest/reports/bench or bench-smoke)")
+    parser.add_argument("--stack-log", type=Path, help="the stacks' own output (default: next to --out, .stack.log)")
+    args = parser.parse_args(argv)
+    try:
+        configurations = by_name([name.strip() for name in args.configs.split(",") if name.strip()])
+    except ValueError as error:
+        parser.error(str(error))
+    plan = SMOKE_PLAN if args.smoke else Plan()
+    out = args.out or REPORTS / ("bench-smoke" if args.smoke else "bench")
+    stack_log_path = args.stack_log or out.with_suffix(".stack.log")
+    stack_log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    sockets = plan.broadcast_sockets + plan.rooms * plan.room_size
+    limit = procstats.raise_open_file_limit(sockets * 2 + SPARE_FILES)
+    if limit < sockets + SPARE_FILES:
+        print(f"the open-file limit is {limit}: too low for {sockets} sockets (raise `ulimit -n`)", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
+
+    started = time.monotonic()
+    meta = {
+        "mode": "smoke" if args.smoke else "full",
+        "machine": procstats.machine(nginx_binary()),
+        "load_average_start": procstats.load_average(),
+        "open_file_limit": limit,
+        "plan": plan_dict(plan),
+    }
+    log(f"capacity benchmark ({meta['mode']}): {', '.join(c.name for c in configurations)}; "
+        f"load average {meta['load_average_start']}; stacks' output in {stack_log_path}")
+    results = []
+    with open(stack_log_path, "w") as stack_log:
+        for configuration in configurations:
+            try:
+                results.append(run_configuration(configuration, plan, stack_log, log))
+            except (StackError, ConnectError) as error:
+                print(f"{configuration.name} failed: {error} (see {stack_log_path})", file=sys.stderr)
+                return 1
+    meta.update(load_average_end=procstats.load_average(), seconds=round(time.monotonic() - started, 1))
+    built = report.build(results, meta)
+    paths = report.write(built, out)
+    log("")
+    log(report.table(built))
+    log("")
+    log(report.targets_table(built))
+    log(f"\nwritten: {', '.join(str(path) for path in paths.values())}; {meta['seconds']:.0f} s in all, "
+        f"load average at the end {meta['load_average_end']}")
+    if args.smoke:
+        return smoke_verdict(built)
+    return 0
+
+
+def smoke_verdict(built: dict) -> int:
+    """The smoke plan's rates are far below any configuration's limit: anything lost is a broken benchmark or stack."""
+    broken = [
+        name for name, summary in built["summaries"].items()
+        if summary["runs_with_a_pass"] < summary["runs"] or summary["broadcast_lost"]
+    ]
+    if broken:
+        print(f"smoke run FAILED: not everything was delivered at the low rate by {', '.join(broken)}", file=sys.stderr)
+        return 1
+    print("smoke run passed: every configuration delivered everything at the low rate")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

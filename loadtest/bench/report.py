@@ -1,0 +1,211 @@
+"""The benchmark's results as medians, a markdown table, a JSON file and a PNG plot."""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from loadtest.bench.configs import BASELINE
+
+# The blueprint's targets, read against the raw baseline of the same run.
+TARGET_THROUGHPUT_RATIO = 0.8
+TARGET_HALF_RATE_P99_MS = 50.0
+TARGET_KIB_PER_SOCKET = 40.0
+TARGET_BROADCAST_SOCKETS = 10_000
+TARGET_BROADCAST_MS = 3000.0
+
+
+def _median(values):
+    values = [value for value in values if value is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def summarize(result: dict) -> dict:
+    """Medians over the runs of one configuration."""
+    runs = result["runs"]
+    bests = [run["best"] for run in runs if run["best"]]
+    replicas = sorted(bests[0]["cpu"]) if bests else []
+    replicas = [name for name in replicas if name not in ("redis", "nginx")]
+    overload = result["overload"]
+    broadcast = result["memory_and_broadcast"]
+    return {
+        "name": result["name"],
+        "summary": result["summary"],
+        "runs": len(runs),
+        "runs_with_a_pass": len(bests),
+        # A run in which nothing passed counts as 0 towards the median.
+        "max_rate": _median([run["best"]["offered_rate"] if run["best"] else 0.0 for run in runs]),
+        "deliveries_per_s": _median([run["best"]["deliveries_per_s"] if run["best"] else 0.0 for run in runs]),
+        "p50_ms": _median([best["p50_ms"] for best in bests]),
+        "p95_ms": _median([best["p95_ms"] for best in bests]),
+        "p99_ms": _median([best["p99_ms"] for best in bests]),
+        "cpu_per_replica": [_median([best["cpu"][name] for best in bests]) for name in replicas],
+        "cpu_redis": _median([best["cpu"]["redis"] for best in bests]),
+        "cpu_nginx": _median([best["cpu"]["nginx"] for best in bests]),
+        "generator_cpu": _median([best["generator_cpu"] for best in bests]),
+        "generator_bound": any(run["generator_bound"] for run in runs),
+        "replica_cpu_us_per_delivery": _median([best["replica_cpu_us_per_delivery"] for best in bests]),
+        "overload": {key: overload[key] for key in ("offered_rate", "owed", "lost", "lost_pct", "late", "p99_ms")}
+        if overload else None,
+        "rss_kib_per_socket": broadcast["rss_kib_per_socket"],
+        "broadcast_sockets": broadcast["sockets"],
+        "broadcast_ms": _median([b["completion_ms"] for b in broadcast["broadcasts"]]),
+        "broadcast_lost": sum(b["lost"] for b in broadcast["broadcasts"]),
+    }
+
+
+def p99_by_rate(result: dict) -> dict[float, float]:
+    """Median p99 of every offered rate any run measured."""
+    by_rate = defaultdict(list)
+    for run in result["runs"]:
+        for step in run["steps"]:
+            if step["p99_ms"] is not None:
+                by_rate[step["offered_rate"]].append(step["p99_ms"])
+    return {rate: round(statistics.median(values), 2) for rate, values in sorted(by_rate.items())}
+
+
+def targets(summary: dict, baseline: dict, ladder: list[float], p99s: dict[float, float]) -> dict:
+    raw = baseline["max_rate"] or 0.0
+    ratio = summary["max_rate"] / raw if raw else None
+    # "p99 <= 50 ms at half that rate": the highest ladder rung at or below half the baseline's rate.
+    half = max([rate for rate in ladder if rate <= raw / 2], default=None)
+    return {
+        "throughput_ratio": round(ratio, 3) if ratio is not None else None,
+        "throughput_met": ratio is not None and ratio >= TARGET_THROUGHPUT_RATIO,
+        "half_rate": half,
+        "p99_at_half_rate_ms": p99s.get(half),
+        "half_rate_met": half is not None and summary["max_rate"] >= half,
+        "memory_met": summary["rss_kib_per_socket"] <= TARGET_KIB_PER_SOCKET,
+        "broadcast_met": (
+            summary["broadcast_sockets"] >= TARGET_BROADCAST_SOCKETS and summary["broadcast_lost"] == 0
+            and summary["broadcast_ms"] is not None and summary["broadcast_ms"] <= TARGET_BROADCAST_MS
+        ),
+    }
+
+
+def build(results: list[dict], meta: dict) -> dict:
+    summaries = {result["name"]: summarize(result) for result in results}
+    p99s = {result["name"]: p99_by_rate(result) for result in results}
+    baseline = summaries.get(BASELINE)
+    for name, summary in summaries.items():
+        raw = baseline["max_rate"] if baseline else None
+        summary["ratio_to_raw"] = round(summary["max_rate"] / raw, 3) if raw else None
+        if baseline and name != BASELINE:
+            summary["targets"] = targets(summary, baseline, meta["plan"]["ladder"], p99s[name])
+    return {**meta, "summaries": summaries, "p99_by_rate": p99s, "results": results}
+
+
+def _fmt(value, suffix="") -> str:
+    return "–" if value is None else f"{value:g}{suffix}"
+
+
+def table(report: dict) -> str:
+    plan = report["plan"]
+    lines = [
+        f"| configuration | max lossless rate (msg/s) | deliveries/s | × raw | p50 / p95 / p99 (ms) "
+        f"| CPU per replica (cores) | replica CPU per delivery | generator CPU "
+        f"| above it: {plan['overload_factor']:g} × the rate for {plan['overload_seconds']:g} s "
+        f"| RSS per idle socket | broadcast to {plan['broadcast_sockets']:,} sockets |",
+        "|---|---:|---:|---:|---|---|---:|---:|---|---:|---|",
+    ]
+    for summary in report["summaries"].values():
+        over = summary["overload"]
+        lost = (f"{over['lost']} of {over['owed']} lost ({_fmt(over['lost_pct'])} %), {over['late']} late, "
+                f"p99 {_fmt(over['p99_ms'])} ms at {_fmt(over['offered_rate'])} msg/s") if over else "–"
+        bound = " (generator-bound: a lower bound)" if summary["generator_bound"] else ""
+        broadcast = f"{_fmt(summary['broadcast_ms'])} ms" + (f", {summary['broadcast_lost']} lost" if summary["broadcast_lost"] else "")
+        lines.append(
+            f"| {summary['name']} | {_fmt(summary['max_rate'])}{bound} | {_fmt(summary['deliveries_per_s'])} "
+            f"| {_fmt(summary['ratio_to_raw'])} | {_fmt(summary['p50_ms'])} / {_fmt(summary['p95_ms'])} / {_fmt(summary['p99_ms'])} "
+            f"| {' / '.join(_fmt(cpu) for cpu in summary['cpu_per_replica'])} "
+            f"| {_fmt(summary['replica_cpu_us_per_delivery'])} µs | {_fmt(summary['generator_cpu'])} "
+            f"| {lost} | {_fmt(summary['rss_kib_per_socket'])} KiB | {broadcast} |"
+        )
+    return "\n".join(lines)
+
+
+def targets_table(report: dict) -> str:
+    lines = [
+        f"| configuration | throughput ≥ {TARGET_THROUGHPUT_RATIO} × raw | p99 ≤ {TARGET_HALF_RATE_P99_MS:g} ms at half the raw rate "
+        f"| ≤ {TARGET_KIB_PER_SOCKET:g} KiB per idle socket | {TARGET_BROADCAST_SOCKETS:,}-socket broadcast ≤ {TARGET_BROADCAST_MS / 1000:g} s |",
+        "|---|---|---|---|---|",
+    ]
+    mark = {True: "met", False: "**not met**"}
+    for summary in report["summaries"].values():
+        target = summary.get("targets")
+        if not target:
+            continue
+        lines.append(
+            f"| {summary['name']} | {mark[target['throughput_met']]} ({_fmt(target['throughput_ratio'])}) "
+            f"| {mark[target['half_rate_met']]} ({half_rate(summary, target)}) "
+            f"| {mark[target['memory_met']]} ({_fmt(summary['rss_kib_per_socket'])} KiB) "
+            f"| {mark[target['broadcast_met']]} ({_fmt(summary['broadcast_ms'])} ms to {summary['broadcast_sockets']:,}) |"
+        )
+    return "\n".join(lines)
+
+
+def half_rate(summary: dict, target: dict) -> str:
+    if target["half_rate"] is None:
+        return "no ladder rung at half the raw rate"
+    if target["p99_at_half_rate_ms"] is None:
+        return f"{_fmt(target['half_rate'])} msg/s is above its lossless limit, not reached"
+    return f"at {_fmt(target['half_rate'])} msg/s p99 {_fmt(target['p99_at_half_rate_ms'])} ms"
+
+
+def markdown(report: dict, plot_name: str) -> str:
+    machine, plan = report["machine"], report["plan"]
+    packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
+    return "\n".join([
+        f"# Capacity benchmark ({report['mode']})",
+        "",
+        f"Machine: {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['cpu_model']}, Linux {machine['kernel']}; "
+        f"load average {report['load_average_start']} at the start, {report['load_average_end']} at the end; "
+        f"open-file limit {report['open_file_limit']}.",
+        f"Versions: Python {machine['python']}, {packages}, {machine['redis_server']}, {machine['nginx']}.",
+        f"Method: 3 replicas behind nginx, one asyncio load generator on the same machine; {plan['rooms']} rooms of "
+        f"{plan['room_size']} sockets, each message owed to its {plan['room_size']} members; rates stepped on a "
+        f"×{plan['rung_factor']:g} ladder, {plan['step_seconds']:g} s per step; a step passes with every delivery made "
+        f"and p99 ≤ {plan['max_p99_ms']:g} ms. Medians of {plan['runs']} runs; memory over {plan['memory_batches']} batches "
+        f"× 3 replicas; broadcast medians of {plan['broadcasts']}. Total {report['seconds']:.0f} s.",
+        "",
+        table(report),
+        "",
+        targets_table(report),
+        "",
+        f"![p99 fan-out latency against offered rate]({plot_name})",
+        "",
+    ])
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(9, 5.5), dpi=110)
+    for name, p99s in report["p99_by_rate"].items():
+        if p99s:
+            axes.plot(list(p99s), list(p99s.values()), marker="o", markersize=3, label=name)
+    axes.axhline(report["plan"]["max_p99_ms"], color="grey", linestyle="--", linewidth=1, label="p99 limit")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel(f"offered publish rate (messages/s; each delivered to {report['plan']['room_size']} sockets)")
+    axes.set_ylabel("p99 fan-out latency (ms), median of runs")
+    machine = report["machine"]
+    axes.set_title(f"Chat fan-out, 3 replicas behind nginx — {machine['cores']} cores, {machine['cpu_model']}", fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+
+
+def write(report: dict, out: Path) -> dict[str, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out.with_suffix(suffix) for kind, suffix in (("json", ".json"), ("md", ".md"), ("png", ".png"))}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, paths["png"])
+    paths["md"].write_text(markdown(report, paths["png"].name))
+    return paths

@@ -1,0 +1,276 @@
+"""One configuration, measured: rate stepping, idle-socket memory, the big broadcast.
+
+Rate stepping: ``rooms`` rooms of ``room_size`` members; each published
+message is owed to every member of its room on every replica. A step offers
+one publish rate for ``step_seconds``; it passes when every delivery arrived
+(none lost, none duplicated, no error frame, no socket closed) with p99
+latency at most ``max_p99_ms``. A failed step is repeated once: on a shared
+machine a stall elsewhere can fail one step, so a failure must be confirmed.
+The rates form one geometric ladder. The first run climbs it in strides until
+a confirmed failure, then rung by rung from the last pass; later runs start a
+few rungs below the first run's result. A run ends at its confirmed failure,
+or when the generator itself was saturated (the result is then only a lower
+bound). Then one overload step, ``overload_factor`` × the median lossless
+rate for longer, shows what is lost or late above the limit.
+
+Memory and broadcast: ``broadcast_sockets`` members of one room, opened in
+``memory_batches`` batches; each replica's RSS growth per socket is taken for
+every batch. Then one message to the whole room, ``broadcasts`` times: its
+completion time is the last member's delivery.
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import uvloop
+
+from deploy.stack import LocalStack
+from loadtest.bench.configs import Configuration
+from loadtest.bench.loadgen import SATURATED_CPU, CpuClock, Fleet, Ledger, interleaved, offer
+from loadtest.bench.procstats import CpuMeter, listening_pids, rss_bytes
+
+BROADCAST_ROOM = "bench-broadcast"
+
+
+@dataclass(frozen=True)
+class Plan:
+    rooms: int = 10
+    room_size: int = 30
+    runs: int = 3
+    min_rate: float = 20.0
+    max_rate: float = 3000.0
+    rung_factor: float = 1.15
+    coarse_stride: int = 3
+    restart_below: int = 3
+    step_seconds: float = 3.0
+    grace_seconds: float = 2.0
+    drain_seconds: float = 5.0
+    max_p99_ms: float = 50.0
+    overload_factor: float = 2.0
+    overload_seconds: float = 6.0
+    overload_drain_seconds: float = 15.0
+    broadcast_sockets: int = 10_200
+    memory_batches: int = 3
+    broadcasts: int = 3
+    broadcast_timeout: float = 15.0
+
+    def ladder(self) -> list[float]:
+        rates, rate = [], self.min_rate
+        while rate <= self.max_rate:
+            rates.append(round(rate, 1))
+            rate *= self.rung_factor
+        return rates
+
+
+SMOKE_PLAN = Plan(
+    rooms=4, room_size=10, runs=1, min_rate=10.0, max_rate=20.0, rung_factor=2.0, step_seconds=1.0,
+    grace_seconds=2.0, drain_seconds=2.0, max_p99_ms=1000.0, overload_factor=1.0, overload_seconds=1.0,
+    overload_drain_seconds=2.0, broadcast_sockets=300, memory_batches=2, broadcasts=1,
+)
+
+
+def _passed(step: dict, plan: Plan) -> bool:
+    return (
+        step["lost"] == 0 and step["duplicates"] == 0 and not step["errors"] and not step["sockets_closed"]
+        and step["p99_ms"] is not None and step["p99_ms"] <= plan.max_p99_ms and not step["generator_saturated"]
+    )
+
+
+class Bench:
+    """The measurements of one configuration on its running stack."""
+
+    def __init__(self, stack: LocalStack, plan: Plan):
+        self.stack = stack
+        self.plan = plan
+        self.replica_pids = {name: listening_pids(port) for name, port in stack.replica_ports.items()}
+        self.cpu_groups = {**self.replica_pids, "redis": stack.redis.pids(), "nginx": listening_pids(stack.port)}
+        self.fleet = Fleet(stack.url)
+
+    # --- rate stepping ------------------------------------------------------
+
+    async def step(self, publishers, rate: float, seconds: float | None = None, drain: float | None = None) -> dict:
+        plan, fleet = self.plan, self.fleet
+        ledger = fleet.measure()
+        errors_before, closed_before = sum(fleet.errors.values()), sum(fleet.lost_sockets.values())
+        meter, generator = CpuMeter(self.cpu_groups), CpuClock()
+        started = time.monotonic()
+        sent = await offer(fleet, publishers, rate, seconds or plan.step_seconds)
+        sending = time.monotonic() - started
+        generator_cpu = generator.share()
+        await fleet.settle(time.monotonic() + plan.grace_seconds)
+        late = ledger.outstanding
+        cpu = meter.read()
+        if ledger.outstanding:
+            # What is still on its way arrives late (judged as a failure); what
+            # never arrives within the drain is lost.
+            await fleet.quiet(0.3, drain or plan.drain_seconds)
+        result = self._step_result(ledger, rate, sent, sending, late, cpu, generator_cpu,
+                                   sum(fleet.errors.values()) - errors_before, sum(fleet.lost_sockets.values()) - closed_before)
+        replica_seconds = sum(meter.seconds[name] for name in self.replica_pids)
+        result["replica_cpu_us_per_delivery"] = round(replica_seconds / ledger.received * 1e6, 1) if ledger.received else None
+        return result
+
+    def _step_result(self, ledger: Ledger, rate, sent, sending, late, cpu, generator_cpu, errors, closed) -> dict:
+        return {
+            "offered_rate": rate,
+            "published": sent,
+            "achieved_rate": round(sent / sending, 1),
+            "owed": ledger.owed,
+            "delivered": ledger.received,
+            "deliveries_per_s": round(ledger.received / sending, 1),
+            "late": late - ledger.outstanding,
+            "lost": ledger.outstanding,
+            "lost_pct": round(100 * ledger.outstanding / ledger.owed, 2) if ledger.owed else 0.0,
+            "duplicates": ledger.duplicates,
+            "errors": errors,
+            "sockets_closed": closed,
+            "p50_ms": ledger.latency_ms(50),
+            "p95_ms": ledger.latency_ms(95),
+            "p99_ms": ledger.latency_ms(99),
+            "max_ms": ledger.latency_ms(100),
+            "cross_replica_share": round(
+                sum(n for (origin, served_by), n in ledger.pairs.items() if origin != served_by) / ledger.received, 3
+            ) if ledger.received else None,
+            "cpu": {**{name: cpu[name] for name in self.replica_pids}, "redis": cpu["redis"], "nginx": cpu["nginx"]},
+            "generator_cpu": round(generator_cpu, 3),
+            "generator_saturated": generator_cpu > SATURATED_CPU,
+        }
+
+    async def attempt(self, publishers, rate: float, run: int, steps: list[dict], log) -> dict:
+        """One step at ``rate``, repeated once if it fails: on a shared machine one
+        stall of another process can fail a step, and a failure must be confirmed."""
+        for repeat in (False, True):
+            step = await self.step(publishers, rate)
+            step["passed"] = _passed(step, self.plan)
+            step["repeat"] = repeat
+            steps.append(step)
+            log(f"  run {run} {rate:>7.1f} msg/s: {'pass' if step['passed'] else 'FAIL'}{' (repeat)' if repeat else ''}  "
+                f"p99 {step['p99_ms']} ms, lost {step['lost']}, late {step['late']}, "
+                f"replicas {'/'.join(str(step['cpu'][name]) for name in self.replica_pids)} cores, "
+                f"generator {step['generator_cpu']}")
+            if step["passed"] or step["generator_saturated"]:
+                break
+        return step
+
+    async def run_rates(self, run: int, first_best_index: int | None, log) -> dict:
+        plan, ladder = self.plan, self.plan.ladder()
+        publishers = interleaved(self.fleet.rooms)
+        steps: list[dict] = []
+        best: dict | None = None
+        failure: dict | None = None
+        if first_best_index is None:
+            index, stride = 0, plan.coarse_stride
+        else:
+            index, stride = max(0, first_best_index - plan.restart_below), 1
+        last_pass = -1
+        while index < len(ladder):
+            step = await self.attempt(publishers, ladder[index], run, steps, log)
+            if step["generator_saturated"]:
+                break
+            if step["passed"]:
+                best, last_pass = step, index
+                index += stride
+                continue
+            failure = step
+            if stride > 1 and index > last_pass + 1:
+                # The coarse climb overshot: go on rung by rung from the last pass.
+                stride, index = 1, last_pass + 1
+            elif best is None and index > 0:
+                # A later run that started too high: come down to where it passes.
+                index -= 1
+            else:
+                break
+        return {
+            "run": run,
+            "best": best,
+            "best_index": ladder.index(best["offered_rate"]) if best else None,
+            "first_failure_above": failure if failure and best and failure["offered_rate"] > best["offered_rate"] else None,
+            "generator_bound": bool(steps and steps[-1]["generator_saturated"]),
+            "steps": steps,
+        }
+
+    async def overload(self, rate: float, log) -> dict:
+        """What happens above the limit: ``overload_factor`` × the lossless rate for
+        longer, then a long drain; whatever never arrives is lost."""
+        step = await self.step(interleaved(self.fleet.rooms), rate, self.plan.overload_seconds, self.plan.overload_drain_seconds)
+        log(f"  overload {rate:.1f} msg/s for {self.plan.overload_seconds:g} s: lost {step['lost']} ({step['lost_pct']} %), "
+            f"late {step['late']}, p99 {step['p99_ms']} ms")
+        return step
+
+    # --- memory and broadcast -----------------------------------------------
+
+    async def memory_and_broadcast(self, log) -> dict:
+        plan, fleet = self.plan, self.fleet
+        samples, per_replica = [], {}
+        batch = plan.broadcast_sockets // plan.memory_batches
+        for number in range(plan.memory_batches):
+            before = {name: rss_bytes(pids[0]) for name, pids in self.replica_pids.items()}
+            opened_at = time.monotonic()
+            members = await fleet.open(BROADCAST_ROOM, batch)
+            opened_in = time.monotonic() - opened_at
+            await asyncio.sleep(0.5)  # let the replicas finish what each handshake started
+            on = fleet.sockets_by_pod(members)
+            for name, pids in self.replica_pids.items():
+                growth = rss_bytes(pids[0]) - before[name]
+                if on[name]:
+                    samples.append(growth / on[name])
+                    per_replica.setdefault(name, []).append(round(growth / on[name] / 1024, 2))
+            log(f"  batch {number + 1}: {batch} sockets in {opened_in:.1f} s, spread {dict(on)}")
+        sockets = len(fleet.rooms[BROADCAST_ROOM])
+        broadcasts = []
+        for number in range(plan.broadcasts):
+            ledger = fleet.measure()
+            fleet.rooms[BROADCAST_ROOM][number * 997 % sockets].publish(fleet.next_id())
+            await fleet.settle(time.monotonic() + plan.broadcast_timeout)
+            broadcasts.append({
+                "sockets": sockets,
+                "delivered": ledger.received,
+                "lost": ledger.outstanding,
+                "completion_ms": ledger.latency_ms(100),
+                "p50_ms": ledger.latency_ms(50),
+            })
+            log(f"  broadcast {number + 1} to {sockets} sockets: last delivery after {broadcasts[-1]['completion_ms']} ms, "
+                f"lost {ledger.outstanding}")
+            await fleet.quiet(0.3, plan.drain_seconds)
+        return {
+            "sockets": sockets,
+            "sockets_by_replica": dict(fleet.sockets_by_pod(fleet.rooms[BROADCAST_ROOM])),
+            "rss_kib_per_socket_samples": per_replica,
+            "rss_kib_per_socket": round(statistics.median(samples) / 1024, 2),
+            "broadcasts": broadcasts,
+        }
+
+
+async def measure(stack: LocalStack, plan: Plan, log) -> dict:
+    bench = Bench(stack, plan)
+    for number in range(plan.rooms):
+        await bench.fleet.open(f"bench-rate-{number}", plan.room_size)
+    log(f"  {plan.rooms * plan.room_size} sockets in {plan.rooms} rooms, spread {dict(bench.fleet.sockets_by_pod())}")
+    runs = []
+    for run in range(1, plan.runs + 1):
+        runs.append(await bench.run_rates(run, runs[0]["best_index"] if runs else None, log))
+    bests = [run["best"]["offered_rate"] for run in runs if run["best"]]
+    overload = await bench.overload(plan.overload_factor * statistics.median(bests), log) if bests else None
+    await bench.fleet.close()
+    broadcast = await bench.memory_and_broadcast(log)
+    await bench.fleet.close()
+    return {"runs": runs, "overload": overload, "memory_and_broadcast": broadcast}
+
+
+def run_configuration(configuration: Configuration, plan: Plan, stack_log, log) -> dict:
+    started = time.monotonic()
+    with LocalStack(replicas=3, channel_layer=configuration.channel_layer, env=configuration.env, log=stack_log,
+                    replica_command=configuration.replica_command) as stack:
+        log(f"{configuration.name}: {configuration.summary} (stack up in {time.monotonic() - started:.0f} s)")
+        # The generator on uvloop: less of the shared CPU for its own event loop.
+        result = uvloop.run(measure(stack, plan, log))
+    result.update(name=configuration.name, summary=configuration.summary, channel_layer=configuration.channel_layer,
+                  env=configuration.env, seconds=round(time.monotonic() - started, 1))
+    return result
+
+
+def plan_dict(plan: Plan) -> dict:
+    return {**asdict(plan), "ladder": plan.ladder()}
