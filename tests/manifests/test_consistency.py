@@ -96,6 +96,18 @@ async def test_probe_paths_are_the_apps_liveness_and_readiness(role, settings):
 
 
 @pytest.mark.parametrize("role", sources.APP_ROLES)
+async def test_scrape_annotations_point_at_the_apps_metrics(role):
+    """Prometheus' pod annotations name the port and path the app serves /metrics on."""
+    annotations = _every_overlay(
+        lambda docs: find(docs, "Deployment", role)["spec"]["template"]["metadata"].get("annotations", {})
+    )
+    assert annotations.get("prometheus.io/scrape") == "true", annotations
+    port = app_port(role)
+    assert annotations.get("prometheus.io/port") == str(port)
+    assert await _status(role, annotations.get("prometheus.io/path", "/metrics"), port) == 200
+
+
+@pytest.mark.parametrize("role", sources.APP_ROLES)
 def test_app_ports_are_the_ones_the_image_binds(role):
     port = app_port(role)
     bound = sources.entrypoint_port(role)
