@@ -16,3 +16,6 @@ from config.settings import *  # noqa: E402,F403
 
 # Templates render without a collectstatic run.
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
+# WhiteNoise serves STATIC_ROOT and warns when it is missing; tests render
+# templates without a collectstatic run, so an empty one is enough.
+os.makedirs(STATIC_ROOT, exist_ok=True)  # noqa: F405
