@@ -42,6 +42,11 @@ class RawFanoutServer:
         self.pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self.rooms: dict[str, set[ServerConnection]] = {}
         self._listener: asyncio.Task | None = None
+        # redis-py's PubSub creates its connection on first use: two rooms
+        # subscribing at once would each make one, and the subscriptions made
+        # on the orphaned one would never be read (a steady share of lost
+        # deliveries). One subscribe at a time.
+        self._subscribing = asyncio.Lock()
 
     def channel(self, room: str) -> str:
         return f"{self.prefix}:raw:{room}"
@@ -62,8 +67,10 @@ class RawFanoutServer:
 
     async def handle(self, connection: ServerConnection) -> None:
         room = CHAT_PATH.fullmatch(connection.request.path).group(1)
-        await connection.send(protocol.dumps(protocol.welcome(room, self.pod)))
+        # Welcome after joining, as the Channels consumer does: a member that
+        # was welcomed is subscribed, so it misses nothing published next.
         await self.join(room, connection)
+        await connection.send(protocol.dumps(protocol.welcome(room, self.pod)))
         try:
             async for text in connection:
                 await self.on_frame(room, connection, text)
@@ -84,13 +91,13 @@ class RawFanoutServer:
         await self.redis.publish(self.channel(room), json.dumps(event))
 
     async def join(self, room: str, connection: ServerConnection) -> None:
-        members = self.rooms.get(room)
-        if members is None:
-            members = self.rooms[room] = set()
-            await self.pubsub.subscribe(self.channel(room))
-            if self._listener is None or self._listener.done():
-                self._listener = asyncio.create_task(self.listen())
-        members.add(connection)
+        async with self._subscribing:
+            if room not in self.rooms:
+                await self.pubsub.subscribe(self.channel(room))
+                self.rooms[room] = set()
+                if self._listener is None or self._listener.done():
+                    self._listener = asyncio.create_task(self.listen())
+        self.rooms[room].add(connection)
 
     def leave(self, room: str, connection: ServerConnection) -> None:
         # The room's subscription stays for the life of the process: a
