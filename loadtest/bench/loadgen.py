@@ -198,6 +198,14 @@ class Fleet:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay *= 2
 
+    async def repair(self) -> None:
+        """Replace every member whose socket the server closed, so a run starts with full rooms."""
+        for room, members in self.rooms.items():
+            alive = [member for member in members if member.client.open]
+            if len(alive) < len(members):
+                self.rooms[room] = alive
+                await self.open(room, len(members) - len(alive))
+
     def measure(self) -> Ledger:
         """Start a new measurement: deliveries of earlier messages no longer count."""
         self.ledger = Ledger()

@@ -20,7 +20,7 @@ import os
 import re
 import signal
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
@@ -31,6 +31,7 @@ CHAT_PATH = re.compile(r"/ws/chat/([^/]+)/")
 # The same keepalive the Daphne replicas run with.
 PING_INTERVAL = 20
 PING_TIMEOUT = 30
+REDIS_CONNECTIONS = 50
 
 
 class RawFanoutServer:
@@ -118,7 +119,10 @@ class RawFanoutServer:
 async def serve_forever(host: str, port: int) -> None:
     server_state = RawFanoutServer(
         pod=os.environ.get("POD_NAME", "raw"),
-        redis=Redis.from_url(os.environ["REDIS_URL"]),
+        # Publishes wait for a free connection instead of failing: redis-py's
+        # default pool raises MaxConnectionsError past 100 at once, which under
+        # overload killed publishing sockets with 1011.
+        redis=Redis(connection_pool=BlockingConnectionPool.from_url(os.environ["REDIS_URL"], max_connections=REDIS_CONNECTIONS)),
         prefix=os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
         max_message_bytes=int(os.environ.get("WS_MAX_MESSAGE_BYTES", 64 * 1024)),
     )

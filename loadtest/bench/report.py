@@ -45,6 +45,7 @@ def summarize(result: dict) -> dict:
         "cpu_nginx": _median([best["cpu"]["nginx"] for best in bests]),
         "generator_cpu": _median([best["generator_cpu"] for best in bests]),
         "generator_bound": any(run["generator_bound"] for run in runs),
+        "time_capped": any(run["time_capped"] for run in runs),
         "replica_cpu_us_per_delivery": _median([best["replica_cpu_us_per_delivery"] for best in bests]),
         "overload": {key: overload[key] for key in ("offered_rate", "owed", "lost", "lost_pct", "late", "p99_ms")}
         if overload else None,
@@ -114,6 +115,7 @@ def table(report: dict) -> str:
         lost = (f"{over['lost']} of {over['owed']} lost ({_fmt(over['lost_pct'])} %), {over['late']} late, "
                 f"p99 {_fmt(over['p99_ms'])} ms at {_fmt(over['offered_rate'])} msg/s") if over else "–"
         bound = " (generator-bound: a lower bound)" if summary["generator_bound"] else ""
+        bound += " (a run hit its time bound: a lower bound)" if summary["time_capped"] else ""
         broadcast = f"{_fmt(summary['broadcast_ms'])} ms" + (f", {summary['broadcast_lost']} lost" if summary["broadcast_lost"] else "")
         lines.append(
             f"| {summary['name']} | {_fmt(summary['max_rate'])}{bound} | {_fmt(summary['deliveries_per_s'])} "

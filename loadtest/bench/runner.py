@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import uvloop
@@ -42,12 +43,16 @@ class Plan:
     runs: int = 3
     min_rate: float = 20.0
     max_rate: float = 3000.0
-    rung_factor: float = 1.15
+    rung_factor: float = 1.2
     coarse_stride: int = 3
     restart_below: int = 3
+    # Bounds on each run's stepping, so the whole benchmark fits its 15 minutes;
+    # a run cut short says so (``time_capped``).
+    first_run_seconds: float = 55.0
+    later_run_seconds: float = 30.0
     step_seconds: float = 3.0
     grace_seconds: float = 2.0
-    drain_seconds: float = 5.0
+    drain_seconds: float = 3.0
     max_p99_ms: float = 50.0
     overload_factor: float = 2.0
     overload_seconds: float = 6.0
@@ -67,7 +72,7 @@ class Plan:
 
 SMOKE_PLAN = Plan(
     rooms=4, room_size=10, runs=1, min_rate=10.0, max_rate=20.0, rung_factor=2.0, step_seconds=1.0,
-    grace_seconds=2.0, drain_seconds=2.0, max_p99_ms=1000.0, overload_factor=1.0, overload_seconds=1.0,
+    first_run_seconds=30.0, later_run_seconds=30.0, grace_seconds=2.0, drain_seconds=2.0, max_p99_ms=1000.0, overload_factor=1.0, overload_seconds=1.0,
     overload_drain_seconds=2.0, broadcast_sockets=300, memory_batches=2, broadcasts=1,
 )
 
@@ -94,7 +99,7 @@ class Bench:
     async def step(self, publishers, rate: float, seconds: float | None = None, drain: float | None = None) -> dict:
         plan, fleet = self.plan, self.fleet
         ledger = fleet.measure()
-        errors_before, closed_before = sum(fleet.errors.values()), sum(fleet.lost_sockets.values())
+        errors_before, closed_before = Counter(fleet.errors), Counter(fleet.lost_sockets)
         meter, generator = CpuMeter(self.cpu_groups), CpuClock()
         started = time.monotonic()
         sent = await offer(fleet, publishers, rate, seconds or plan.step_seconds)
@@ -108,7 +113,7 @@ class Bench:
             # never arrives within the drain is lost.
             await fleet.quiet(0.3, drain or plan.drain_seconds)
         result = self._step_result(ledger, rate, sent, sending, late, cpu, generator_cpu,
-                                   sum(fleet.errors.values()) - errors_before, sum(fleet.lost_sockets.values()) - closed_before)
+                                   dict(fleet.errors - errors_before), dict(fleet.lost_sockets - closed_before))
         replica_seconds = sum(meter.seconds[name] for name in self.replica_pids)
         result["replica_cpu_us_per_delivery"] = round(replica_seconds / ledger.received * 1e6, 1) if ledger.received else None
         return result
@@ -150,14 +155,19 @@ class Bench:
             log(f"  run {run} {rate:>7.1f} msg/s: {'pass' if step['passed'] else 'FAIL'}{' (repeat)' if repeat else ''}  "
                 f"p99 {step['p99_ms']} ms, lost {step['lost']}, late {step['late']}, "
                 f"replicas {'/'.join(str(step['cpu'][name]) for name in self.replica_pids)} cores, "
-                f"generator {step['generator_cpu']}")
+                f"generator {step['generator_cpu']}"
+                + (f", error frames {step['errors']}" if step["errors"] else "")
+                + (f", sockets closed by the server {step['sockets_closed']}" if step["sockets_closed"] else ""))
             if step["passed"] or step["generator_saturated"]:
                 break
         return step
 
     async def run_rates(self, run: int, first_best_index: int | None, log) -> dict:
         plan, ladder = self.plan, self.plan.ladder()
+        await self.fleet.repair()
         publishers = interleaved(self.fleet.rooms)
+        deadline = time.monotonic() + (plan.first_run_seconds if first_best_index is None else plan.later_run_seconds)
+        time_capped = False
         steps: list[dict] = []
         best: dict | None = None
         failure: dict | None = None
@@ -165,10 +175,17 @@ class Bench:
             index, stride = 0, plan.coarse_stride
         else:
             index, stride = max(0, first_best_index - plan.restart_below), 1
+        lowest = max(0, index - plan.restart_below)
         last_pass = -1
         while index < len(ladder):
+            if time.monotonic() > deadline:
+                time_capped = True
+                log(f"  run {run}: out of time, stopped")
+                break
             step = await self.attempt(publishers, ladder[index], run, steps, log)
-            if step["generator_saturated"]:
+            if step["generator_saturated"] or step["sockets_closed"]:
+                # Either the generator cannot measure higher, or sockets were
+                # lost and every later step would count them: this run ends here.
                 break
             if step["passed"]:
                 best, last_pass = step, index
@@ -178,7 +195,7 @@ class Bench:
             if stride > 1 and index > last_pass + 1:
                 # The coarse climb overshot: go on rung by rung from the last pass.
                 stride, index = 1, last_pass + 1
-            elif best is None and index > 0:
+            elif best is None and index > lowest:
                 # A later run that started too high: come down to where it passes.
                 index -= 1
             else:
@@ -189,12 +206,14 @@ class Bench:
             "best_index": ladder.index(best["offered_rate"]) if best else None,
             "first_failure_above": failure if failure and best and failure["offered_rate"] > best["offered_rate"] else None,
             "generator_bound": bool(steps and steps[-1]["generator_saturated"]),
+            "time_capped": time_capped,
             "steps": steps,
         }
 
     async def overload(self, rate: float, log) -> dict:
         """What happens above the limit: ``overload_factor`` × the lossless rate for
         longer, then a long drain; whatever never arrives is lost."""
+        await self.fleet.repair()
         step = await self.step(interleaved(self.fleet.rooms), rate, self.plan.overload_seconds, self.plan.overload_drain_seconds)
         log(f"  overload {rate:.1f} msg/s for {self.plan.overload_seconds:g} s: lost {step['lost']} ({step['lost_pct']} %), "
             f"late {step['late']}, p99 {step['p99_ms']} ms")
@@ -222,7 +241,7 @@ class Bench:
         sockets = len(fleet.rooms[BROADCAST_ROOM])
         broadcasts = []
         for number in range(plan.broadcasts):
-            ledger = fleet.measure()
+            ledger, errors_before = fleet.measure(), Counter(fleet.errors)
             fleet.rooms[BROADCAST_ROOM][number * 997 % sockets].publish(fleet.next_id())
             await fleet.settle(time.monotonic() + plan.broadcast_timeout)
             broadcasts.append({
@@ -231,9 +250,10 @@ class Bench:
                 "lost": ledger.outstanding,
                 "completion_ms": ledger.latency_ms(100),
                 "p50_ms": ledger.latency_ms(50),
+                "errors": dict(fleet.errors - errors_before),
             })
             log(f"  broadcast {number + 1} to {sockets} sockets: last delivery after {broadcasts[-1]['completion_ms']} ms, "
-                f"lost {ledger.outstanding}")
+                f"lost {ledger.outstanding}" + (f", error frames {broadcasts[-1]['errors']}" if broadcasts[-1]["errors"] else ""))
             await fleet.quiet(0.3, plan.drain_seconds)
         return {
             "sockets": sockets,
