@@ -137,8 +137,8 @@ def _with_connection_options(host) -> dict:
 def _channel_layers(kind: str) -> dict:
     if kind == "memory":
         return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    if kind not in ("redis", "redis-pubsub"):
-        raise ConfigError(f"CHANNEL_LAYER={kind!r} is not one of memory, redis, redis-pubsub")
+    if kind not in ("redis", "redis-pubsub", "redis-fanout"):
+        raise ConfigError(f"CHANNEL_LAYER={kind!r} is not one of memory, redis, redis-pubsub, redis-fanout")
     if "REDIS_URL" not in os.environ:
         raise ConfigError(f"REDIS_URL must be set when CHANNEL_LAYER={kind}")
     hosts = [_with_connection_options(host) for host in redis_hosts(os.environ["REDIS_URL"])]
@@ -146,6 +146,8 @@ def _channel_layers(kind: str) -> dict:
     config = {"hosts": hosts, "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi")}
     if kind == "redis-pubsub":
         return {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": config}}
+    if kind == "redis-fanout":
+        return {"default": {"BACKEND": "realtime.layers.FanoutChannelLayer", "CONFIG": config}}
     config.update(
         # Per-channel queue bound: a consumer that falls this far behind starts
         # losing messages rather than growing Redis without limit.

@@ -6,15 +6,19 @@ a frame (a reply or an error), never a dead consumer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
+from channels.layers import get_channel_layer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from redis.exceptions import RedisError
 
 from realtime import metrics, protocol
+from realtime.layers import FanoutChannelLayer
 from realtime.limits import TokenBucket
 from realtime.membership import keeper
 from realtime.protocol import FrameError
@@ -58,6 +62,28 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
                 log("channel layer receive failed for %s, retrying: %r", self.channel_name, error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.RECEIVE_RETRY_MAX_DELAY)
+
+    async def __call__(self, scope, receive, send):
+        layer = get_channel_layer(self.channel_layer_alias)
+        if not isinstance(layer, FanoutChannelLayer):
+            await super().__call__(scope, receive, send)
+            return
+        # On the fan-out layer, messages for this consumer's channel arrive by
+        # the layer awaiting its dispatch, so the consumer has one source left,
+        # its client: no second receive task and no asyncio.wait per frame, as
+        # Channels' own loop needs for two sources.
+        self.scope, self.channel_layer, self.base_send = scope, layer, send
+        self.channel_name = await layer.new_channel(handler=self.dispatch)
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            try:
+                await layer.release(self.channel_name)
+            except LAYER_ERRORS as error:
+                logger.warning("could not unsubscribe %s: %r", self.channel_name, error)
 
     async def dispatch(self, message):
         # Channels' own dispatch awaits aclose_old_connections() before every
@@ -125,8 +151,12 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
     async def handle(self, payload: dict) -> None:
         raise NotImplementedError
 
+    @functools.cached_property
+    def sent(self):
+        return metrics.MESSAGES_SENT.labels(metrics.REPLICA, self.endpoint)
+
     async def send_json(self, frame: dict) -> None:
-        metrics.MESSAGES_SENT.labels(metrics.REPLICA, self.endpoint).inc()
+        self.sent.inc()
         await self.send(text_data=protocol.dumps(frame))
 
     async def send_error(self, error: FrameError) -> None:
@@ -211,8 +241,17 @@ class ChatConsumer(JsonFrameConsumer):
             return
         metrics.GROUP_SEND_SECONDS.labels(metrics.REPLICA).observe(time.perf_counter() - started)
 
+    # The last event encoded and its text: the fan-out layer hands every member
+    # on the replica the same event object, and its frame is the same for all.
+    _encoded: tuple[dict | None, str] = (None, "")
+
     async def chat_message(self, event: dict) -> None:
-        await self.send_json(protocol.chat_delivery(event, served_by=settings.POD_NAME))
+        cached, text = ChatConsumer._encoded
+        if cached is not event:
+            text = protocol.dumps(protocol.chat_delivery(event, served_by=settings.POD_NAME))
+            ChatConsumer._encoded = (event, text)
+        self.sent.inc()
+        await self.base_send({"type": "websocket.send", "text": text})
 
 
 class RejectConsumer(AsyncWebsocketConsumer):

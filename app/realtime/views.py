@@ -45,7 +45,12 @@ def healthz(request: HttpRequest):
 
 async def _layer_round_trip() -> None:
     layer = get_channel_layer()
-    channel = await layer.new_channel("readyz.")
+    # The default prefix, as the consumers' channels: the core layer keeps all
+    # of a process's channels of one prefix in one Redis list, read by one
+    # receive at a time. A channel of its own prefix lands in another list,
+    # which a consumer's pending receive does not read: readiness then timed
+    # out whenever a socket was open.
+    channel = await layer.new_channel()
     nonce = secrets.token_hex(8)
     await layer.send(channel, {"type": "readyz.ping", "nonce": nonce})
     message = await layer.receive(channel)

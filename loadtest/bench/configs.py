@@ -5,8 +5,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deploy.stack import DAPHNE_PING_INTERVAL, DAPHNE_PING_TIMEOUT
-
 BASELINE = "raw"
 
 
@@ -20,16 +18,6 @@ class Configuration:
     replica_command: Callable[[int], list[str]] | None = None
 
 
-def daphne_on_uvloop(port: int) -> list[str]:
-    """The stack's Daphne replica (drain-capable server, same arguments), with
-    Twisted's asyncio reactor on a uvloop event loop."""
-    return [
-        sys.executable, "-m", "loadtest.bench.uvloop_replica", "-b", "127.0.0.1", "-p", str(port),
-        "--proxy-headers", "--ping-interval", str(DAPHNE_PING_INTERVAL), "--ping-timeout", str(DAPHNE_PING_TIMEOUT),
-        "config.asgi:application",
-    ]
-
-
 def raw_replica(port: int) -> list[str]:
     return [sys.executable, "-m", "loadtest.bench.raw_server", "--port", str(port)]
 
@@ -37,8 +25,7 @@ def raw_replica(port: int) -> list[str]:
 CONFIGURATIONS = [
     Configuration("daphne-redis", "Daphne + RedisChannelLayer (the Channels docs' default)", "redis"),
     Configuration("daphne-pubsub", "Daphne + RedisPubSubChannelLayer", "redis-pubsub"),
-    Configuration("daphne-pubsub-uvloop", "Daphne on uvloop + RedisPubSubChannelLayer", "redis-pubsub",
-                  replica_command=daphne_on_uvloop),
+    Configuration("daphne-fanout", "Daphne + the blueprint's fan-out layer (realtime.layers), the default", "redis-fanout"),
     Configuration(BASELINE, "raw baseline: websockets + redis.asyncio pub/sub, no Channels", replica_command=raw_replica),
 ]
 

@@ -9,7 +9,8 @@ machine a stall elsewhere can fail one step, so a failure must be confirmed.
 The rates form one geometric ladder. The first run climbs it in strides until
 a confirmed failure, then rung by rung from the last pass; later runs start a
 few rungs below the first run's result. A run ends at its confirmed failure,
-or when the generator itself was saturated (the result is then only a lower
+with one more step halfway (geometrically) between it and the rung below, or
+when the generator itself was saturated (the result is then only a lower
 bound). Then one overload step, ``overload_factor`` × the median lossless
 rate for longer, shows what is lost or late above the limit.
 
@@ -42,7 +43,7 @@ class Plan:
     room_size: int = 30
     runs: int = 3
     min_rate: float = 20.0
-    max_rate: float = 3000.0
+    max_rate: float = 8000.0
     rung_factor: float = 1.2
     coarse_stride: int = 3
     restart_below: int = 3
@@ -200,10 +201,19 @@ class Bench:
                 index -= 1
             else:
                 break
+        best_index = ladder.index(best["offered_rate"]) if best else None
+        if failure and best and failure["offered_rate"] == ladder[best_index + 1] and time.monotonic() < deadline:
+            # Halve the last rung (geometrically): the result is then known to
+            # within sqrt(rung_factor), not a whole rung.
+            step = await self.attempt(publishers, round((best["offered_rate"] * failure["offered_rate"]) ** 0.5, 1), run, steps, log)
+            if step["passed"]:
+                best = step
+            elif not step["generator_saturated"] and not step["sockets_closed"]:
+                failure = step
         return {
             "run": run,
             "best": best,
-            "best_index": ladder.index(best["offered_rate"]) if best else None,
+            "best_index": best_index,
             "first_failure_above": failure if failure and best and failure["offered_rate"] > best["offered_rate"] else None,
             "generator_bound": bool(steps and steps[-1]["generator_saturated"]),
             "time_capped": time_capped,

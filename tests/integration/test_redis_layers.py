@@ -1,7 +1,8 @@
 """Two "pods": independently constructed Redis layers sharing one prefix.
 
 A group_send on pod B must reach a member whose channel lives on pod A,
-through a real redis-server, for both channels_redis backends.
+through a real redis-server, for both channels_redis backends and the
+blueprint's fan-out layer built on the pub/sub one.
 """
 import asyncio
 
@@ -10,11 +11,12 @@ from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from realtime import protocol
+from realtime.layers import FanoutChannelLayer
 from tests.ws import join
 
 pytestmark = pytest.mark.redis
 
-BACKENDS = {"redis": RedisChannelLayer, "redis-pubsub": RedisPubSubChannelLayer}
+BACKENDS = {"redis": RedisChannelLayer, "redis-pubsub": RedisPubSubChannelLayer, "redis-fanout": FanoutChannelLayer}
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -24,7 +26,7 @@ async def test_group_send_on_one_pod_reaches_a_member_on_another(redis_server, k
     try:
         member = await pod_a.new_channel()
         await pod_a.group_add("chat.cross", member)
-        if kind == "redis-pubsub":
+        if kind != "redis":
             await asyncio.sleep(0.1)  # SUBSCRIBE is asynchronous in Redis pub/sub
         event = protocol.chat_event({"message": "across pods", "id": 7}, origin="pod-b")
         await pod_b.group_send("chat.cross", event)

@@ -98,7 +98,28 @@ def test_a_killed_replicas_members_expire_within_group_expiry(redis_server):
         assert members(redis_server, "stale") <= 2
 
 
-@pytest.mark.parametrize("layer", ["redis", "redis-pubsub"])
+LAYERS = ["redis", "redis-pubsub", "redis-fanout"]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_the_replica_stays_ready_while_sockets_are_open(redis_server, layer):
+    """Readiness is a layer round trip; it must not wait behind the open sockets' own receives."""
+
+    async def scenario(daphne):
+        sockets = [await join(daphne, "steady") for _ in range(3)]
+        statuses = []
+        for _ in range(8):
+            statuses.append(await asyncio.to_thread(status_of, f"http://{daphne.base}/readyz"))
+            await asyncio.sleep(0.2)
+        for socket in sockets:
+            await socket.close()
+        return statuses
+
+    with Daphne(redis_server.url, CHANNEL_LAYER=layer) as daphne:
+        assert asyncio.run(scenario(daphne)) == [200] * 8
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 def test_fanout_resumes_within_10_s_after_a_redis_restart(redis_server, layer):
     async def scenario(daphne):
         member = await join(daphne, "outage")

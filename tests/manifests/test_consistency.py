@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import json
 import re
 import socket
@@ -17,6 +18,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient, Client
 
+from deploy.stack import LocalStack
 from tests.manifests import sources
 from tests.manifests.documents import (
     container,
@@ -290,6 +292,17 @@ def test_compose_runs_the_same_roles_ports_and_health_paths(role):
     for port, path in checks:
         assert port == app_port(role), f"compose {role} healthcheck port {port}"
         assert path in app_probe_paths(role).values(), f"compose {role} healthcheck path {path}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+@pytest.mark.parametrize("role", sources.APP_ROLES)
+def test_one_default_channel_layer_in_compose_kubernetes_and_the_local_stack(role, name):
+    """The layer the benchmark chose (README, Performance) is the one every way of running the app runs."""
+    compose = sources.with_defaults(_compose_service(sources.compose_services(), role)["environment"]["CHANNEL_LAYER"])
+    docs = render(name)
+    kubernetes = env_value(find(docs, "Deployment", role), docs, "CHANNEL_LAYER")
+    local = inspect.signature(LocalStack).parameters["channel_layer"].default
+    assert compose == kubernetes == local, f"compose {compose}, Kubernetes {name} {kubernetes}, local stack {local}"
 
 
 @pytest.mark.parametrize("name", OVERLAYS)

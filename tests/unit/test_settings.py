@@ -48,7 +48,11 @@ def test_debug_mode_runs_on_defaults_with_the_in_memory_layer():
 
 @pytest.mark.parametrize(
     "layer,backend",
-    [("redis", "channels_redis.core.RedisChannelLayer"), ("redis-pubsub", "channels_redis.pubsub.RedisPubSubChannelLayer")],
+    [
+        ("redis", "channels_redis.core.RedisChannelLayer"),
+        ("redis-pubsub", "channels_redis.pubsub.RedisPubSubChannelLayer"),
+        ("redis-fanout", "realtime.layers.FanoutChannelLayer"),
+    ],
 )
 def test_channel_layer_selects_the_redis_backends(layer, backend):
     result = load_settings({**SAFE, "CHANNEL_LAYER": layer, "REDIS_URL": "redis://redis:6379/0"})

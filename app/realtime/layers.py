@@ -1,0 +1,132 @@
+"""The pub/sub channel layer with one fan-out per replica (``CHANNEL_LAYER=redis-fanout``).
+
+channels_redis' ``RedisPubSubChannelLayer`` already receives a group message
+once per replica (one Redis subscription per group), then queues it to every
+local member's channel. Each member consumer then wakes on its own: one task
+to receive, ``asyncio.wait`` in Channels' dispatch loop, one msgpack decode and
+one JSON encode per socket. On the fan-out path that bookkeeping costs more
+than the socket write itself.
+
+This layer keeps the wire, the group names and the API of the pub/sub layer.
+What changes is local delivery, for consumers that opt in with
+``attach(channel, handler)``: the message is decoded once, and one task per
+replica awaits ``handler(message)`` for every attached member in turn, in the
+order Redis delivered the messages. Members that did not attach (and any
+message sent to a single channel) are queued as before, so a stock consumer
+works unchanged on this layer.
+
+A handler that raises is logged and skipped: one broken socket must not stop
+a room's delivery on the replica. A handler must not wait on its client (a
+slow socket would hold up the whole replica); a Channels consumer's
+``send`` does not: Daphne buffers what the socket cannot take yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+
+from channels_redis import pubsub
+from channels_redis.utils import _wrap_close
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[dict], Awaitable[None]]
+
+
+class FanoutShard(pubsub.RedisSingleShardConnection):
+    """One Redis connection's receiver, handing messages for attached channels to the fan-out."""
+
+    def _receive_message(self, message):
+        if message is None:
+            return
+        name = message["channel"]
+        if isinstance(name, bytes):
+            name = name.decode()
+        layer = self.channel_layer
+        handler = layer.handlers.get(name)
+        if handler is not None:
+            layer.fan_out([handler], message["data"])
+            return
+        members = layer.groups.get(name)
+        if members is None:
+            super()._receive_message(message)
+            return
+        attached = []
+        for channel in members:
+            handler = layer.handlers.get(channel)
+            if handler is not None:
+                attached.append(handler)
+            elif channel in layer.channels:
+                layer.channels[channel].put_nowait(message["data"])
+        if attached:
+            layer.fan_out(attached, message["data"])
+
+
+class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
+    """The per-event-loop half of the layer: groups, channels, shards, and the fan-out task."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shards = [FanoutShard(shard.host, self) for shard in self._shards]
+        self.handlers: dict[str, Handler] = {}
+        self._pending: collections.deque[tuple[list[Handler], bytes]] = collections.deque()
+        self._fan_out_task: asyncio.Task | None = None
+
+    async def new_channel(self, prefix="specific.", handler: Handler | None = None):
+        """A channel of this process; with ``handler``, every message for it is
+        delivered by awaiting ``handler(message)`` instead of through ``receive``."""
+        channel = await super().new_channel(prefix)
+        if handler is not None:
+            self.handlers[channel] = handler
+        return channel
+
+    async def release(self, channel: str) -> None:
+        """Forget a channel made with a handler (what ``receive`` does when its consumer is cancelled)."""
+        self.handlers.pop(channel, None)
+        if self.channels.pop(channel, None) is not None:
+            await self._get_shard(channel).unsubscribe(channel)
+
+    def fan_out(self, handlers: list[Handler], data: bytes) -> None:
+        self._pending.append((handlers, data))
+        # The task runs until the queue is empty; there is no await between its
+        # last look at the queue and its end, so nothing appended is missed.
+        if self._fan_out_task is None or self._fan_out_task.done():
+            self._fan_out_task = asyncio.ensure_future(self._deliver_pending())
+
+    async def _deliver_pending(self) -> None:
+        deserialize = self.channel_layer.deserialize
+        while self._pending:
+            handlers, data = self._pending.popleft()
+            # One decoded message shared by every member: handlers must not change it.
+            message = deserialize(data)
+            for handler in handlers:
+                try:
+                    await handler(message)
+                except Exception:
+                    logger.exception("fan-out handler %r failed; delivery goes on to the others", handler)
+
+    async def flush(self):
+        if self._fan_out_task is not None:
+            self._fan_out_task.cancel()
+            self._fan_out_task = None
+        self._pending.clear()
+        self.handlers = {}
+        await super().flush()
+
+
+class FanoutChannelLayer(pubsub.RedisPubSubChannelLayer):
+    """``RedisPubSubChannelLayer`` whose replicas fan out once to consumers with a handler."""
+
+    async def release(self, channel: str) -> None:
+        await self._get_layer().release(channel)
+
+    def _get_layer(self):
+        loop = asyncio.get_running_loop()
+        try:
+            return self._layers[loop]
+        except KeyError:
+            layer = self._layers[loop] = FanoutLoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            _wrap_close(self, loop)
+            return layer

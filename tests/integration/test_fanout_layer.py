@@ -1,0 +1,119 @@
+"""The fan-out layer (``CHANNEL_LAYER=redis-fanout``) on a real redis-server.
+
+Two "pods" are two layers sharing a prefix: what one publishes, the other's
+members with handlers get, once each, in order, whatever one handler does.
+"""
+import asyncio
+import logging
+
+import pytest
+import redis
+
+from realtime.layers import FanoutChannelLayer
+
+pytestmark = pytest.mark.redis
+
+PREFIX = "fanout-test"
+
+
+class Recorder:
+    """A consumer's stand-in: records what the layer hands its handler."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.messages: list[dict] = []
+        self.fail_on = fail_on
+        self.got = asyncio.Event()
+
+    async def __call__(self, message: dict) -> None:
+        self.messages.append(message)
+        self.got.set()
+        if message.get("n") == self.fail_on:
+            raise RuntimeError("this member's socket is broken")
+
+
+async def settle(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "not delivered in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def pods(redis_server):
+    pod_a = FanoutChannelLayer(hosts=[redis_server.url], prefix=PREFIX)
+    pod_b = FanoutChannelLayer(hosts=[redis_server.url], prefix=PREFIX)
+    yield pod_a, pod_b
+    await pod_a.flush()
+    await pod_b.flush()
+
+
+async def join(layer, group: str, handler=None) -> str:
+    channel = await layer.new_channel(handler=handler) if handler else await layer.new_channel()
+    await layer.group_add(group, channel)
+    return channel
+
+
+async def test_every_member_gets_every_message_once_in_order_and_decoded_once(pods):
+    pod_a, pod_b = pods
+    members = [Recorder() for _ in range(3)]
+    for member in members:
+        await join(pod_a, "room", member)
+    await asyncio.sleep(0.1)  # SUBSCRIBE is asynchronous in Redis pub/sub
+    for n in range(200):
+        await pod_b.group_send("room", {"type": "chat.message", "n": n})
+    await settle(lambda: all(len(member.messages) == 200 for member in members))
+    await asyncio.sleep(0.1)
+    for member in members:
+        assert [message["n"] for message in member.messages] == list(range(200))
+    # One decode per replica: every member was handed the same object.
+    assert all(members[0].messages[n] is members[2].messages[n] for n in range(200))
+
+
+async def test_a_failing_handler_is_logged_and_the_others_still_get_everything(pods, caplog):
+    pod_a, pod_b = pods
+    broken, healthy = Recorder(fail_on=1), Recorder()
+    await join(pod_a, "room", broken)
+    await join(pod_a, "room", healthy)
+    await asyncio.sleep(0.1)
+    with caplog.at_level(logging.ERROR, logger="realtime.layers"):
+        for n in range(3):
+            await pod_b.group_send("room", {"type": "chat.message", "n": n})
+        await settle(lambda: len(healthy.messages) == 3 and len(broken.messages) == 3)
+    assert [message["n"] for message in healthy.messages] == [0, 1, 2]
+    assert "this member's socket is broken" in caplog.text
+
+
+async def test_members_without_a_handler_still_receive_through_their_queue(pods):
+    pod_a, pod_b = pods
+    attached = Recorder()
+    await join(pod_a, "room", attached)
+    queued = await join(pod_a, "room")
+    await asyncio.sleep(0.1)
+    await pod_b.group_send("room", {"type": "chat.message", "n": 1})
+    assert await asyncio.wait_for(pod_a.receive(queued), 5) == {"type": "chat.message", "n": 1}
+    await settle(lambda: attached.messages == [{"type": "chat.message", "n": 1}])
+
+
+async def test_a_message_to_one_channel_reaches_its_handler(pods):
+    pod_a, pod_b = pods
+    member = Recorder()
+    channel = await pod_a.new_channel(handler=member)
+    await asyncio.sleep(0.1)
+    await pod_b.send(channel, {"type": "chat.message", "n": 9})
+    await settle(lambda: member.messages == [{"type": "chat.message", "n": 9}])
+
+
+async def test_release_forgets_the_channel_and_unsubscribes_it_in_redis(pods, redis_server):
+    pod_a, pod_b = pods
+    gone, staying = Recorder(), Recorder()
+    gone_channel = await join(pod_a, "room", gone)
+    await join(pod_a, "room", staying)
+    await pod_a.group_discard("room", gone_channel)
+    await pod_a.release(gone_channel)
+    client = redis.Redis.from_url(redis_server.url)
+    assert dict(client.pubsub_numsub(gone_channel)) == {gone_channel.encode(): 0}
+    await asyncio.sleep(0.1)
+    await pod_b.group_send("room", {"type": "chat.message", "n": 1})
+    await settle(lambda: len(staying.messages) == 1)
+    await asyncio.sleep(0.1)
+    assert gone.messages == []

@@ -1,0 +1,80 @@
+"""A replica's write path (``realtime.ws_protocol``) against a client that reads slowly.
+
+Frames are written to the socket at once while nothing is queued before them;
+once the socket is full, Twisted queues the rest. A slow reader must still get
+every frame, whole and in order, on both paths a frame takes: a reply to one
+socket, and a room fan-out framed once for every member.
+"""
+import asyncio
+import json
+import socket
+
+import pytest
+import websockets
+
+from tests.processes import Daphne
+
+pytestmark = pytest.mark.redis
+
+FRAMES = 150
+PAYLOAD = "x" * 40_000
+# The replica's limits are not under test here: 150 frames go out at once.
+GENEROUS_LIMITS = {"WS_RATE_LIMIT_PER_SECOND": "1000", "WS_RATE_LIMIT_BURST": "1000"}
+
+
+def small_buffer_socket(port: int) -> socket.socket:
+    """A client socket whose receive buffer fills after a few frames, so the
+    replica's socket fills too and its writes come back partial."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+async def slow_reader(daphne: Daphne, path: str):
+    return await websockets.connect(
+        daphne.ws(path), origin=daphne.origin, sock=small_buffer_socket(daphne.port), max_queue=1, max_size=None
+    )
+
+
+async def read(client, count: int) -> list[dict]:
+    return [json.loads(await asyncio.wait_for(client.recv(), 10)) for _ in range(count)]
+
+
+def test_a_slow_reader_gets_every_reply_whole_and_in_order(redis_server):
+    async def scenario(daphne):
+        client = await slow_reader(daphne, "/ws/api/")
+        for n in range(FRAMES):
+            await client.send(json.dumps({"request": [n, PAYLOAD]}))
+        await asyncio.sleep(1)  # the replica answers all of them into a full socket
+        replies = await read(client, FRAMES)
+        await client.close()
+        return replies
+
+    with Daphne(redis_server.url, CHANNEL_LAYER="redis-fanout", **GENEROUS_LIMITS) as daphne:
+        replies = asyncio.run(scenario(daphne))
+    assert [reply["data"][0] for reply in replies] == list(range(FRAMES))
+    assert all(reply == {"status": "OK", "data": [n, PAYLOAD]} for n, reply in enumerate(replies))
+
+
+@pytest.mark.parametrize("layer", ["redis-fanout", "redis-pubsub"])
+def test_a_slow_room_member_gets_every_fan_out_whole_and_in_order(redis_server, layer):
+    async def scenario(daphne):
+        member = await slow_reader(daphne, "/ws/chat/slow/")
+        assert json.loads(await member.recv())["type"] == "welcome"
+        publisher = await websockets.connect(daphne.ws("/ws/chat/slow/"), origin=daphne.origin, max_size=None)
+        assert json.loads(await publisher.recv())["type"] == "welcome"
+        echoes = asyncio.ensure_future(read(publisher, FRAMES))
+        for n in range(FRAMES):
+            await publisher.send(json.dumps({"message": PAYLOAD, "id": n}))
+        await asyncio.wait_for(echoes, 30)  # the publisher, a fast reader, got all of them
+        frames = await read(member, FRAMES)
+        await member.close()
+        await publisher.close()
+        return frames
+
+    with Daphne(redis_server.url, CHANNEL_LAYER=layer, **GENEROUS_LIMITS) as daphne:
+        frames = asyncio.run(scenario(daphne))
+    assert [frame["id"] for frame in frames] == list(range(FRAMES))
+    assert all(frame["type"] == "chat.message" and frame["message"] == PAYLOAD for frame in frames)
