@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
 POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
+GROUP_SEND_SECONDS = metrics.GROUP_SEND_SECONDS.labels(metrics.REPLICA)
 
 
 class JsonFrameConsumer(AsyncWebsocketConsumer):
@@ -129,7 +130,7 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
     # --- frames ---------------------------------------------------------
 
     async def receive(self, text_data=None, bytes_data=None):
-        metrics.MESSAGES_RECEIVED.labels(metrics.REPLICA, self.endpoint).inc()
+        self.received.inc()
         try:
             if not self.bucket.take():
                 raise FrameError("rate_limited", f"over {settings.WS_RATE_LIMIT_PER_SECOND:g} messages per second")
@@ -151,9 +152,14 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
     async def handle(self, payload: dict) -> None:
         raise NotImplementedError
 
+    # This endpoint's series, looked up once per socket, not once per frame.
     @functools.cached_property
     def sent(self):
         return metrics.MESSAGES_SENT.labels(metrics.REPLICA, self.endpoint)
+
+    @functools.cached_property
+    def received(self):
+        return metrics.MESSAGES_RECEIVED.labels(metrics.REPLICA, self.endpoint)
 
     async def send_json(self, frame: dict) -> None:
         self.sent.inc()
@@ -239,7 +245,7 @@ class ChatConsumer(JsonFrameConsumer):
                 }
             )
             return
-        metrics.GROUP_SEND_SECONDS.labels(metrics.REPLICA).observe(time.perf_counter() - started)
+        GROUP_SEND_SECONDS.observe(time.perf_counter() - started)
 
     # The last event encoded and its text: the fan-out layer hands every member
     # on the replica the same event object, and its frame is the same for all.
