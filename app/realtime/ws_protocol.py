@@ -44,8 +44,8 @@ class ServerCloseProtocol(WebSocketProtocol):
         self.sendPreparedMessage(prepared)
 
     def sendData(self, data, sync=False, chopsize=None):
-        # Only data frames of an open socket: the handshake and the closing
-        # frames keep Twisted's own path.
+        # Only frames of an open socket: the handshake response keeps
+        # Twisted's own path.
         if (
             sync or chopsize or self.send_queue or self.state != self.STATE_OPEN
             or not write_now(self.transport, data)
@@ -63,7 +63,9 @@ def write_now(transport, data: bytes) -> bool:
     asyncio's transports try the send first; so does this. What the socket
     does not take is handed to the transport, which sends it in order.
     False (nothing written) leaves the frame to Twisted: TLS, a backlog, a
-    closing connection, an error to report.
+    closing connection, an error to report. It reads the transport's buffer
+    attributes, which Twisted does not promise to keep:
+    tests/integration/test_replica_writes.py fails if order or bytes suffer.
     """
     if (
         type(transport) is not tcp.Server
