@@ -16,7 +16,8 @@ message sent to a single channel) are queued as before, so a stock consumer
 works unchanged on this layer.
 
 A handler that raises is logged and skipped: one broken socket must not stop
-a room's delivery on the replica. A handler must not wait on its client (a
+a room's delivery on the replica. Past capacity, messages wait in memory and
+are delivered late, never dropped; ``blueprint_fanout_backlog`` counts them. A handler must not wait on its client (a
 slow socket would hold up the whole replica); a Channels consumer's
 ``send`` does not: Daphne buffers what the socket cannot take yet.
 """
@@ -25,14 +26,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 
 from channels_redis import pubsub
 from channels_redis.utils import _wrap_close
 
+from realtime import metrics
+
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict], Awaitable[None]]
+
+# Past capacity a replica delivers late rather than drop: the messages wait in
+# memory, and the backlog gauge (read when scraped, free per message) shows it.
+_live_layers: weakref.WeakSet = weakref.WeakSet()
+metrics.FANOUT_BACKLOG.labels(metrics.REPLICA).set_function(lambda: sum(len(layer._pending) for layer in list(_live_layers)))
 
 
 class FanoutShard(pubsub.RedisSingleShardConnection):
@@ -73,6 +82,7 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
         self.handlers: dict[str, Handler] = {}
         self._pending: collections.deque[tuple[list[Handler], bytes]] = collections.deque()
         self._fan_out_task: asyncio.Task | None = None
+        _live_layers.add(self)
 
     async def new_channel(self, prefix="specific.", handler: Handler | None = None):
         """A channel of this process; with ``handler``, every message for it is

@@ -48,6 +48,12 @@ LAYER_ERRORS = Counter(
     "Channel-layer operations that failed (Redis unreachable); each publish lost this way was answered with an error",
     ["replica", "operation"],
 )
+FANOUT_BACKLOG = Gauge(
+    "blueprint_fanout_backlog",
+    "Group messages received from Redis that the fan-out layer has not yet delivered; above zero only past capacity",
+    ["replica"],
+    multiprocess_mode="max",
+)
 DRAINING = Gauge("blueprint_replica_draining", "1 while the replica drains", ["replica"], multiprocess_mode="max")
 BROADCASTS = Counter("blueprint_http_broadcasts", "HTTP broadcast API calls, by status code", ["replica", "status"])
 

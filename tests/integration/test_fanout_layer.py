@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from realtime.layers import FanoutChannelLayer
 
@@ -117,3 +118,26 @@ async def test_release_forgets_the_channel_and_unsubscribes_it_in_redis(pods, re
     await settle(lambda: len(staying.messages) == 1)
     await asyncio.sleep(0.1)
     assert gone.messages == []
+
+
+async def test_messages_past_capacity_wait_and_the_backlog_gauge_counts_them(pods):
+    pod_a, pod_b = pods
+    gate = asyncio.Event()
+    delivered = []
+
+    async def slow_member(message):
+        delivered.append(message["n"])
+        await gate.wait()  # a replica busy elsewhere
+
+    await join(pod_a, "room", slow_member)
+    await asyncio.sleep(0.1)
+    for n in range(5):
+        await pod_b.group_send("room", {"type": "chat.message", "n": n})
+    await settle(lambda: delivered == [0] and backlog() == 4)
+    gate.set()
+    await settle(lambda: delivered == [0, 1, 2, 3, 4])
+    assert backlog() == 0
+
+
+def backlog() -> float:
+    return REGISTRY.get_sample_value("blueprint_fanout_backlog", {"replica": "pod-test"})
