@@ -151,6 +151,8 @@ def half_rate(summary: dict, target: dict) -> str:
     if target["half_rate"] is None:
         return "no ladder rung at half the raw rate"
     if target["p99_at_half_rate_ms"] is None:
+        if target["half_rate_met"]:
+            return f"{_fmt(target['half_rate'])} msg/s not stepped; passed at higher rates"
         return f"{_fmt(target['half_rate'])} msg/s is above its lossless limit, not reached"
     return f"at {_fmt(target['half_rate'])} msg/s p99 {_fmt(target['p99_at_half_rate_ms'])} ms"
 
