@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict], Awaitable[None]]
 
+# Below redis-py's default pool limit of 100 connections per shard, one of
+# which the shard's subscriptions hold.
+PUBLISHES_IN_FLIGHT = 50
+
 # Past capacity a replica delivers late rather than drop: the messages wait in
 # memory, and the backlog gauge (read when scraped, free per message) shows it.
 _live_layers: weakref.WeakSet = weakref.WeakSet()
@@ -45,7 +49,23 @@ metrics.FANOUT_BACKLOG.labels(metrics.REPLICA).set_function(lambda: sum(len(laye
 
 
 class FanoutShard(pubsub.RedisSingleShardConnection):
-    """One Redis connection's receiver, handing messages for attached channels to the fan-out."""
+    """One Redis shard: publishes that run side by side, and a receiver that
+    hands messages for channels with a handler to the fan-out."""
+
+    def __init__(self, host, channel_layer):
+        super().__init__(host, channel_layer)
+        self._publishing = asyncio.Semaphore(PUBLISHES_IN_FLIGHT)
+
+    async def publish(self, channel, message):
+        # channels_redis holds the shard's lock, which also guards subscribing,
+        # across each PUBLISH round trip: a replica's publishes go to Redis one
+        # at a time, and under load they queue behind each other. A publish
+        # touches no subscription state, so here they only wait for a free
+        # connection, up to PUBLISHES_IN_FLIGHT at once (redis-py's pool
+        # refuses, rather than waits, past its own limit).
+        async with self._publishing:
+            self._ensure_redis()
+            await self._redis.publish(channel, message)
 
     def _receive_message(self, message):
         if message is None:

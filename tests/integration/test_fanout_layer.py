@@ -141,3 +141,15 @@ async def test_messages_past_capacity_wait_and_the_backlog_gauge_counts_them(pod
 
 def backlog() -> float:
     return REGISTRY.get_sample_value("blueprint_fanout_backlog", {"replica": "pod-test"})
+
+
+async def test_a_burst_of_publishes_past_the_connection_pool_all_arrive(pods):
+    """Publishes run side by side, but never more at once than the pool holds:
+    300 at once (redis-py's pool refuses past 100) wait their turn, none fails."""
+    pod_a, pod_b = pods
+    member = Recorder()
+    await join(pod_a, "room", member)
+    await asyncio.sleep(0.1)
+    await asyncio.gather(*(pod_b.group_send("room", {"type": "chat.message", "n": n}) for n in range(300)))
+    await settle(lambda: len(member.messages) == 300)
+    assert sorted(message["n"] for message in member.messages) == list(range(300))
