@@ -5,21 +5,24 @@ once per replica (one Redis subscription per group), then queues it to every
 local member's channel. Each member consumer then wakes on its own: one task
 to receive, ``asyncio.wait`` in Channels' dispatch loop, one msgpack decode and
 one JSON encode per socket. On the fan-out path that bookkeeping costs more
-than the socket write itself.
+than the socket write itself. It also sends a replica's publishes to Redis one
+at a time.
 
 This layer keeps the wire, the group names and the API of the pub/sub layer.
-What changes is local delivery, for consumers that opt in with
-``attach(channel, handler)``: the message is decoded once, and one task per
-replica awaits ``handler(message)`` for every attached member in turn, in the
-order Redis delivered the messages. Members that did not attach (and any
-message sent to a single channel) are queued as before, so a stock consumer
-works unchanged on this layer.
+What changes is local delivery, for channels made with
+``new_channel(handler=...)``: a message for them, sent to the channel or to a
+group it is in, is decoded once, and one task per replica awaits
+``handler(message)`` for each of them in turn, in the order Redis delivered
+the messages. ``release(channel)`` forgets such a channel. Channels made
+without a handler are queued and read with ``receive`` as before, so a stock
+consumer works unchanged on this layer. Publishes run side by side.
 
 A handler that raises is logged and skipped: one broken socket must not stop
 a room's delivery on the replica. Past capacity, messages wait in memory and
-are delivered late, never dropped; ``blueprint_fanout_backlog`` counts them. A handler must not wait on its client (a
-slow socket would hold up the whole replica); a Channels consumer's
-``send`` does not: Daphne buffers what the socket cannot take yet.
+are delivered late, never dropped; ``blueprint_fanout_backlog`` counts them.
+A handler must not wait on its client (a slow socket would hold up the whole
+replica); a Channels consumer's ``send`` does not: Daphne buffers what the
+socket cannot take yet.
 """
 from __future__ import annotations
 
@@ -129,8 +132,12 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
         deserialize = self.channel_layer.deserialize
         while self._pending:
             handlers, data = self._pending.popleft()
-            # One decoded message shared by every member: handlers must not change it.
-            message = deserialize(data)
+            try:
+                # One decoded message shared by every member: handlers must not change it.
+                message = deserialize(data)
+            except Exception:
+                logger.exception("a message from Redis could not be decoded; dropped")
+                continue
             for handler in handlers:
                 try:
                     await handler(message)

@@ -153,3 +153,16 @@ async def test_a_burst_of_publishes_past_the_connection_pool_all_arrive(pods):
     await asyncio.gather(*(pod_b.group_send("room", {"type": "chat.message", "n": n}) for n in range(300)))
     await settle(lambda: len(member.messages) == 300)
     assert sorted(message["n"] for message in member.messages) == list(range(300))
+
+
+async def test_a_message_that_cannot_be_decoded_is_logged_and_the_next_ones_arrive(pods, redis_server, caplog):
+    pod_a, pod_b = pods
+    member = Recorder()
+    await join(pod_a, "room", member)
+    await asyncio.sleep(0.1)
+    group_channel = f"{PREFIX}__group__room"
+    with caplog.at_level(logging.ERROR, logger="realtime.layers"):
+        await asyncio.to_thread(redis.Redis.from_url(redis_server.url).publish, group_channel, b"\xc1 not msgpack")
+        await pod_b.group_send("room", {"type": "chat.message", "n": 1})
+        await settle(lambda: member.messages == [{"type": "chat.message", "n": 1}])
+    assert "could not be decoded" in caplog.text
