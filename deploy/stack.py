@@ -35,6 +35,8 @@ from deploy.render_nginx import render, values_for
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "app"
 CHANNEL_LAYERS = ("redis", "redis-pubsub", "redis-fanout", "memory")
+# What `make demo` runs; compose and Kubernetes set the same (a test holds them together).
+DEFAULT_CHANNEL_LAYER = "redis-fanout"
 # Daphne's keepalive, as the image's entrypoint runs it: the nginx template's
 # proxy_read_timeout sits above the interval (a test holds all three together).
 DAPHNE_PING_INTERVAL = 20
@@ -74,7 +76,7 @@ def probe(url: str, timeout: float = 2.0) -> tuple[int | None, str]:
 class LocalStack:
     """Context manager: ``with LocalStack(replicas=3) as stack: ... stack.url ...``."""
 
-    def __init__(self, replicas: int = 3, port: int | None = None, channel_layer: str = "redis-fanout",
+    def __init__(self, replicas: int = 3, port: int | None = None, channel_layer: str = DEFAULT_CHANNEL_LAYER,
                  env: dict[str, str] | None = None, log: TextIO | None = None,
                  replica_command: Callable[[int], list[str]] | None = None):
         """``replica_command(port)``, when given, is the argv of a replica server to
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=3, help="Daphne replicas (default 3)")
     parser.add_argument("--port", type=int, help="nginx port (default: a free one)")
-    parser.add_argument("--channel-layer", default="redis-fanout", choices=CHANNEL_LAYERS)
+    parser.add_argument("--channel-layer", default=DEFAULT_CHANNEL_LAYER, choices=CHANNEL_LAYERS)
     parser.add_argument("--check", action="store_true", help="run the fan-out check once the stack is ready")
     parser.add_argument("--serve", action="store_true", help="after the check, keep serving until Ctrl-C")
     args = parser.parse_args(argv)

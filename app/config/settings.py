@@ -134,20 +134,27 @@ def _with_connection_options(host) -> dict:
     return {**host, **options} if isinstance(host, dict) else {"address": host, **options}
 
 
+# CHANNEL_LAYER's Redis values and their backends.
+REDIS_LAYER_BACKENDS = {
+    "redis": "channels_redis.core.RedisChannelLayer",
+    "redis-pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+    "redis-fanout": "realtime.layers.FanoutChannelLayer",
+}
+
+
 def _channel_layers(kind: str) -> dict:
     if kind == "memory":
         return {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    if kind not in ("redis", "redis-pubsub", "redis-fanout"):
-        raise ConfigError(f"CHANNEL_LAYER={kind!r} is not one of memory, redis, redis-pubsub, redis-fanout")
+    if kind not in REDIS_LAYER_BACKENDS:
+        raise ConfigError(f"CHANNEL_LAYER={kind!r} is not one of memory, {', '.join(REDIS_LAYER_BACKENDS)}")
     if "REDIS_URL" not in os.environ:
         raise ConfigError(f"REDIS_URL must be set when CHANNEL_LAYER={kind}")
     hosts = [_with_connection_options(host) for host in redis_hosts(os.environ["REDIS_URL"])]
     # One prefix per deployment: replicas that share it share groups.
     config = {"hosts": hosts, "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi")}
-    if kind == "redis-pubsub":
-        return {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": config}}
-    if kind == "redis-fanout":
-        return {"default": {"BACKEND": "realtime.layers.FanoutChannelLayer", "CONFIG": config}}
+    if kind != "redis":
+        # The pub/sub layers keep groups in process memory: no capacity, no expiry.
+        return {"default": {"BACKEND": REDIS_LAYER_BACKENDS[kind], "CONFIG": config}}
     config.update(
         # Per-channel queue bound: a consumer that falls this far behind starts
         # losing messages rather than growing Redis without limit.
@@ -159,7 +166,7 @@ def _channel_layers(kind: str) -> dict:
         # members every third of this, so it can be short.
         group_expiry=env_int("CHANNEL_GROUP_EXPIRY", 300, minimum=3),
     )
-    return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": config}}
+    return {"default": {"BACKEND": REDIS_LAYER_BACKENDS["redis"], "CONFIG": config}}
 
 
 CHANNEL_LAYER = os.environ.get("CHANNEL_LAYER", "memory").strip().lower()
