@@ -100,15 +100,27 @@ X_FRAME_OPTIONS = "DENY"
 
 WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=128)
 # Per socket: a token bucket of this many messages a second, this burst; a
-# socket refused this many frames in a row is closed with 1008.
+# socket that keeps being refused for this many seconds (every refusal within
+# a second of the one before, whatever it interleaves) is closed with 1008.
 WS_RATE_LIMIT_PER_SECOND = env_float("WS_RATE_LIMIT_PER_SECOND", 50.0, minimum=0.1)
 WS_RATE_LIMIT_BURST = env_float("WS_RATE_LIMIT_BURST", 100.0, minimum=1.0)
-WS_RATE_LIMIT_CLOSE_AFTER = env_int("WS_RATE_LIMIT_CLOSE_AFTER", 50, minimum=1)
+WS_RATE_LIMIT_CLOSE_AFTER_SECONDS = env_float("WS_RATE_LIMIT_CLOSE_AFTER_SECONDS", 3.0, minimum=0.1)
+# Bytes queued for one client that is not reading them; past it the socket is
+# closed with 4000 (fell behind: reconnect and resume). The replica-wide total
+# of such queues has its own bound: past it, every socket that queues more is cut.
+WS_MAX_PENDING_BYTES = env_int("WS_MAX_PENDING_BYTES", 1024 * 1024, minimum=64 * 1024)
+WS_MAX_PENDING_BYTES_TOTAL = env_int("WS_MAX_PENDING_BYTES_TOTAL", 64 * 1024 * 1024, minimum=1024 * 1024)
+# Group messages received from Redis and not yet handed to the replica's
+# sockets (the fan-out layer). Past it the replica sheds: members that would
+# miss a message are closed with 4000, and /readyz answers 503 until it drains.
+FANOUT_MAX_BACKLOG_BYTES = env_int("FANOUT_MAX_BACKLOG_BYTES", 64 * 1024 * 1024, minimum=1024 * 1024)
 # Sockets one replica holds; beyond it new sockets are closed with 1013 (try again later).
 WS_MAX_CONNECTIONS = env_int("WS_MAX_CONNECTIONS", 20000, minimum=1)
 BROADCAST_TOKEN = os.environ.get("BROADCAST_TOKEN", "")
 # How long /readyz waits for its channel-layer round trip before answering 503.
 READYZ_TIMEOUT_SECONDS = env_float("READYZ_TIMEOUT_SECONDS", 2.0, minimum=0.1)
+# /readyz answers from a result at most this old; one check at a time refreshes it.
+READYZ_CACHE_SECONDS = env_float("READYZ_CACHE_SECONDS", 1.0, minimum=0.1)
 
 
 def _with_connection_options(host) -> dict:

@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from realtime import metrics, protocol
+from realtime import close_codes, metrics, protocol
 from realtime.layers import FanoutChannelLayer
 from realtime.limits import TokenBucket
 from realtime.membership import keeper
@@ -27,8 +27,8 @@ from realtime.replica import state
 logger = logging.getLogger(__name__)
 
 LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
-POLICY_VIOLATION = 1008
-TRY_AGAIN_LATER = 1013
+# A refusal within this long of the one before continues a flood.
+FLOOD_GAP_SECONDS = 1.0
 GROUP_SEND_SECONDS = metrics.GROUP_SEND_SECONDS.labels(metrics.REPLICA)
 
 
@@ -64,17 +64,36 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.RECEIVE_RETRY_MAX_DELAY)
 
+    # Defaults for a consumer that fails before connect() ran.
+    counted = False
+    has_left = False
+    closing = False
+
     async def __call__(self, scope, receive, send):
-        layer = get_channel_layer(self.channel_layer_alias)
-        if not isinstance(layer, FanoutChannelLayer):
-            await super().__call__(scope, receive, send)
-            return
+        """Run the consumer; whatever ends it (a close from either side, a
+        handler that raises, cancellation, a drain), leave() runs: the socket
+        is uncounted and its memberships are discarded exactly once."""
+        try:
+            layer = get_channel_layer(self.channel_layer_alias)
+            if isinstance(layer, FanoutChannelLayer):
+                await self._serve_on_fanout(layer, scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
+        except Exception as error:
+            # Daphne would log a traceback and leave a socket whose consumer
+            # is gone open; a client mistake must never get here, so this is
+            # a server fault: one line with the reason, and 1011.
+            self._fail(error)
+        finally:
+            await self.leave()
+
+    async def _serve_on_fanout(self, layer, scope, receive, send):
         # On the fan-out layer, messages for this consumer's channel arrive by
-        # the layer awaiting its dispatch, so the consumer has one source left,
+        # the layer awaiting its handler, so the consumer has one source left,
         # its client: no second receive task and no asyncio.wait per frame, as
         # Channels' own loop needs for two sources.
         self.scope, self.channel_layer, self.base_send = scope, layer, send
-        self.channel_name = await layer.new_channel(handler=self.dispatch)
+        self.channel_name = await layer.new_channel(handler=self._deliver)
         try:
             while True:
                 await self.dispatch(await receive())
@@ -85,6 +104,25 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
                 await layer.release(self.channel_name)
             except LAYER_ERRORS as error:
                 logger.warning("could not unsubscribe %s: %r", self.channel_name, error)
+
+    async def _deliver(self, message):
+        """The fan-out layer's handler: a failure here is this socket's, never the room's."""
+        if self.closing:
+            metrics.DELIVERIES_DROPPED.labels(metrics.REPLICA, "closing").inc()
+            return
+        try:
+            await self.dispatch(message)
+        except Exception as error:
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        path = self.scope.get("path") if hasattr(self, "scope") else "?"
+        logger.error("consumer for %s failed, closing its socket with 1011: %s: %s", path, type(error).__name__, error)
+        metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "server_error").inc()
+        if not self.closing and hasattr(self, "base_send"):
+            self.closing = True
+            # Not awaited in the fan-out's task; Daphne queues nothing for it.
+            asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": close_codes.SERVER_ERROR}))
 
     async def dispatch(self, message):
         # Channels' own dispatch awaits aclose_old_connections() before every
@@ -99,7 +137,6 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
     # --- connection lifecycle -------------------------------------------
 
     async def connect(self):
-        self.counted = False
         if state.draining:
             metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "draining").inc()
             await self.close()
@@ -109,45 +146,85 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
             # Accepted only to say why: 1013 tells the client to come back later
             # (through nginx, most likely to a less loaded replica).
             metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "over_capacity").inc()
-            await self.close(code=TRY_AGAIN_LATER)
+            await self.close(code=close_codes.TRY_AGAIN_LATER)
             return
         self.counted = True
         state.open_sockets += 1
         metrics.OPEN_SOCKETS.labels(metrics.REPLICA, self.endpoint).inc()
         self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
-        self.refused_in_a_row = 0
+        self.flood_started = self.last_refused = -FLOOD_GAP_SECONDS
         await self.joined()
 
     async def joined(self) -> None:
         """Called once the socket is accepted and counted."""
 
+    async def close(self, code=None, reason=None):
+        # Frames still arriving (a flooder does not wait for the close) are
+        # ignored, and deliveries to this socket dropped.
+        self.closing = True
+        await super().close(code=code, reason=reason)
+
     async def disconnect(self, code):
-        if getattr(self, "counted", False):
-            self.counted = False
-            state.open_sockets -= 1
-            metrics.OPEN_SOCKETS.labels(metrics.REPLICA, self.endpoint).dec()
+        await self.leave()
+
+    async def leave(self) -> None:
+        """Undo what joining did, once, on every way out."""
+        if self.has_left:
+            return
+        self.has_left = True
+        self.closing = True
+        try:
+            await self.left()
+        finally:
+            # Last: a drain waits for the socket count to reach zero, and by
+            # then every membership must be gone.
+            if self.counted:
+                self.counted = False
+                state.open_sockets -= 1
+                metrics.OPEN_SOCKETS.labels(metrics.REPLICA, self.endpoint).dec()
+
+    async def left(self) -> None:
+        """Called once as the socket goes, however it goes."""
+
+    async def fanout_shed(self, message: dict) -> None:
+        """The replica's fan-out backlog was over its bound and dropped a
+        message this socket should have had: say so, so the client resumes."""
+        metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "shed").inc()
+        await self.close(code=close_codes.FELL_BEHIND)
 
     # --- frames ---------------------------------------------------------
 
     async def receive(self, text_data=None, bytes_data=None):
+        if self.closing:
+            return
         self.received.inc()
         try:
             if not self.bucket.take():
                 raise FrameError("rate_limited", f"over {settings.WS_RATE_LIMIT_PER_SECOND:g} messages per second")
             payload = protocol.decode_text_frame(text_data, bytes_data, settings.WS_MAX_MESSAGE_BYTES)
-            self.refused_in_a_row = 0
             await self.handle(payload)
         except FrameError as error:
             await self.refuse(error)
 
     async def refuse(self, error: FrameError) -> None:
         metrics.FRAMES_REFUSED.labels(metrics.REPLICA, error.code).inc()
+        if error.code == "rate_limited" and self._flooding():
+            metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "rate_limited").inc()
+            await self.close(code=close_codes.POLICY_VIOLATION)
+            return
         await self.send_error(error)
-        if error.code == "rate_limited":
-            self.refused_in_a_row += 1
-            if self.refused_in_a_row >= settings.WS_RATE_LIMIT_CLOSE_AFTER:
-                metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "rate_limited").inc()
-                await self.close(code=POLICY_VIOLATION)
+
+    def _flooding(self) -> bool:
+        """True once refusals have gone on for WS_RATE_LIMIT_CLOSE_AFTER_SECONDS.
+
+        Measured in time, not in refusals in a row: a flooder that keeps just
+        over its rate interleaves accepted frames, and each would reset a count.
+        """
+        now = time.monotonic()
+        if now - self.last_refused > FLOOD_GAP_SECONDS:
+            self.flood_started = now
+        self.last_refused = now
+        return now - self.flood_started >= settings.WS_RATE_LIMIT_CLOSE_AFTER_SECONDS
 
     async def handle(self, payload: dict) -> None:
         raise NotImplementedError
@@ -199,8 +276,9 @@ class ChatConsumer(JsonFrameConsumer):
 
     endpoint = "chat"
 
+    group = None
+
     async def connect(self):
-        self.group = None
         self.room = self.scope["url_route"]["kwargs"]["room"]
         if not protocol.is_valid_room(self.room):
             # Closing before accept refuses the handshake (HTTP 403).
@@ -216,18 +294,16 @@ class ChatConsumer(JsonFrameConsumer):
         keeper.track(self.channel_layer, group, self.channel_name)
         await self.send_json(protocol.welcome(self.room, settings.POD_NAME))
 
-    async def disconnect(self, code):
-        if self.group is not None:
-            keeper.forget(self.group, self.channel_name)
-            try:
-                await self.channel_layer.group_discard(self.group, self.channel_name)
-            except LAYER_ERRORS as error:
-                # The membership expires after CHANNEL_GROUP_EXPIRY anyway.
-                metrics.LAYER_ERRORS.labels(metrics.REPLICA, "group_discard").inc()
-                logger.warning("group_discard failed for %s in %s: %r", self.channel_name, self.group, error)
-        # Last: a drain waits for the socket count to reach zero, and by then
-        # every membership must be gone.
-        await super().disconnect(code)
+    async def left(self) -> None:
+        if self.group is None:
+            return
+        keeper.forget(self.group, self.channel_name)
+        try:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        except LAYER_ERRORS as error:
+            # The membership expires after CHANNEL_GROUP_EXPIRY anyway.
+            metrics.LAYER_ERRORS.labels(metrics.REPLICA, "group_discard").inc()
+            logger.warning("group_discard failed for %s in %s: %r", self.channel_name, self.group, error)
 
     async def handle(self, payload: dict) -> None:
         event = protocol.chat_event(payload, origin=settings.POD_NAME)

@@ -19,10 +19,16 @@ consumer works unchanged on this layer. Publishes run side by side.
 
 A handler that raises is logged and skipped: one broken socket must not stop
 a room's delivery on the replica. Past capacity, messages wait in memory and
-are delivered late, never dropped; ``blueprint_fanout_backlog`` counts them.
+are delivered late; ``blueprint_fanout_backlog`` counts them. The wait is
+bounded (``FANOUT_MAX_BACKLOG_BYTES``): a message that would take the backlog
+past it is dropped, never silently: each member that would have had it gets
+``{"type": "fanout.shed"}`` out of band (the consumers close with 4000, fell
+behind, and the client resumes) and nothing more after it, and the replica
+reports itself overloaded (``/readyz`` 503) until the backlog is back under
+half the bound.
 A handler must not wait on its client (a slow socket would hold up the whole
-replica); a Channels consumer's ``send`` does not: Daphne buffers what the
-socket cannot take yet.
+replica); a Channels consumer's ``send`` does not: the replica's WebSocket
+protocol queues what the socket cannot take yet, up to its own bound.
 """
 from __future__ import annotations
 
@@ -35,7 +41,10 @@ from collections.abc import Awaitable, Callable
 from channels_redis import pubsub
 from channels_redis.utils import _wrap_close
 
+from django.conf import settings
+
 from realtime import metrics
+from realtime.replica import state
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +54,14 @@ Handler = Callable[[dict], Awaitable[None]]
 # which the shard's subscriptions hold.
 PUBLISHES_IN_FLIGHT = 50
 
-# Past capacity a replica delivers late rather than drop: the messages wait in
-# memory, and the backlog gauge (read when scraped, free per message) shows it.
+# What a member that missed a message is told, out of band.
+SHED = {"type": "fanout.shed"}
+
+# Past capacity a replica delivers late: the messages wait in memory, and the
+# backlog gauge (read when scraped, free per message) shows it.
 _live_layers: weakref.WeakSet = weakref.WeakSet()
 metrics.FANOUT_BACKLOG.labels(metrics.REPLICA).set_function(lambda: sum(len(layer._pending) for layer in list(_live_layers)))
+FANOUT_SHED = metrics.FANOUT_SHED.labels(metrics.REPLICA)
 
 
 class FanoutShard(pubsub.RedisSingleShardConnection):
@@ -104,6 +117,9 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
         self._shards = [FanoutShard(shard.host, self) for shard in self._shards]
         self.handlers: dict[str, Handler] = {}
         self._pending: collections.deque[tuple[list[Handler], bytes]] = collections.deque()
+        self._pending_bytes = 0
+        # Handlers that missed a message: they get nothing after it.
+        self._cut: set[Handler] = set()
         self._fan_out_task: asyncio.Task | None = None
         _live_layers.add(self)
 
@@ -117,21 +133,48 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
 
     async def release(self, channel: str) -> None:
         """Forget a channel made with a handler (what ``receive`` does when its consumer is cancelled)."""
-        self.handlers.pop(channel, None)
+        handler = self.handlers.pop(channel, None)
+        self._cut.discard(handler)
         if self.channels.pop(channel, None) is not None:
             await self._get_shard(channel).unsubscribe(channel)
 
     def fan_out(self, handlers: list[Handler], data: bytes) -> None:
+        if self._pending_bytes + len(data) > settings.FANOUT_MAX_BACKLOG_BYTES:
+            self._shed(handlers)
+            return
         self._pending.append((handlers, data))
+        self._pending_bytes += len(data)
         # The task runs until the queue is empty; there is no await between its
         # last look at the queue and its end, so nothing appended is missed.
         if self._fan_out_task is None or self._fan_out_task.done():
             self._fan_out_task = asyncio.ensure_future(self._deliver_pending())
 
+    def _shed(self, handlers: list[Handler]) -> None:
+        """Drop a message the backlog has no room for, and tell its members."""
+        FANOUT_SHED.inc()
+        if not state.overloaded:
+            logger.warning(
+                "fan-out backlog over FANOUT_MAX_BACKLOG_BYTES (%d bytes): shedding, members that miss messages "
+                "are closed with 4000 and the replica reports not ready",
+                self._pending_bytes,
+            )
+            state.overloaded = True
+        for handler in handlers:
+            if handler not in self._cut:
+                # Synchronously cut: the member must not get a later message
+                # before it hears that it missed this one.
+                self._cut.add(handler)
+                asyncio.ensure_future(handler(SHED))
+
     async def _deliver_pending(self) -> None:
         deserialize = self.channel_layer.deserialize
+        cut = self._cut
         while self._pending:
             handlers, data = self._pending.popleft()
+            self._pending_bytes -= len(data)
+            if state.overloaded and self._pending_bytes * 2 < settings.FANOUT_MAX_BACKLOG_BYTES:
+                logger.warning("fan-out backlog back under half its bound: ready again")
+                state.overloaded = False
             try:
                 # One decoded message shared by every member: handlers must not change it.
                 message = deserialize(data)
@@ -139,6 +182,8 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
                 logger.exception("a message from Redis could not be decoded; dropped")
                 continue
             for handler in handlers:
+                if cut and handler in cut:
+                    continue
                 try:
                     await handler(message)
                 except Exception:
@@ -149,6 +194,8 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
             self._fan_out_task.cancel()
             self._fan_out_task = None
         self._pending.clear()
+        self._pending_bytes = 0
+        self._cut.clear()
         self.handlers = {}
         await super().flush()
 

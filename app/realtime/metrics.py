@@ -22,6 +22,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from realtime.replica import state
+
 REPLICA = settings.POD_NAME
 
 OPEN_SOCKETS = Gauge(
@@ -34,7 +36,8 @@ FRAMES_REFUSED = Counter(
 )
 CONNECTIONS_REFUSED = Counter(
     "blueprint_ws_connections_refused",
-    "Sockets refused or closed by the server: over_capacity (1013), draining, bad_room, rate_limited (1008)",
+    "Sockets refused or closed by the server: over_capacity (1013), draining, bad_room, rate_limited (1008), "
+    "slow_consumer and shed (4000), server_error (1011)",
     ["replica", "reason"],
 )
 GROUP_SEND_SECONDS = Histogram(
@@ -54,8 +57,34 @@ FANOUT_BACKLOG = Gauge(
     ["replica"],
     multiprocess_mode="max",
 )
+FANOUT_SHED = Counter(
+    "blueprint_fanout_shed",
+    "Group messages the fan-out layer dropped because its backlog was over FANOUT_MAX_BACKLOG_BYTES; "
+    "every member that missed one was closed with 4000",
+    ["replica"],
+)
+DELIVERIES_DROPPED = Counter(
+    "blueprint_ws_deliveries_dropped",
+    "Frames not sent because their socket was already closing or closed (the client was told by its close code)",
+    ["replica", "reason"],
+)
+PENDING_BYTES = Gauge(
+    "blueprint_ws_pending_bytes",
+    "Bytes queued on this replica for clients that are not reading them yet (bounded per socket and in total)",
+    ["replica"],
+    multiprocess_mode="max",
+)
+OVERLOADED = Gauge(
+    "blueprint_replica_overloaded",
+    "1 while the fan-out backlog is over its bound: the replica sheds and /readyz answers 503",
+    ["replica"],
+    multiprocess_mode="max",
+)
 DRAINING = Gauge("blueprint_replica_draining", "1 while the replica drains", ["replica"], multiprocess_mode="max")
 BROADCASTS = Counter("blueprint_http_broadcasts", "HTTP broadcast API calls, by status code", ["replica", "status"])
+# Read when scraped: free on the paths that change them.
+PENDING_BYTES.labels(REPLICA).set_function(lambda: state.pending_bytes)
+OVERLOADED.labels(REPLICA).set_function(lambda: float(state.overloaded))
 
 
 @require_GET

@@ -6,12 +6,23 @@ and shaped in exactly one place, and the rules are testable without sockets.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Fields a publisher may attach to a chat message; they travel unchanged.
 PASSTHROUGH_FIELDS = ("id", "sent_at")
+# Objects and arrays inside each other, the frame itself counting as one.
+# A 64 KiB frame holds 32,000 levels; json.loads and json.dumps recurse once
+# per level and raise RecursionError near 1,000 (less from a deep stack, such
+# as a consumer echoing a frame back). Chat frames are flat; 32 leaves room
+# for any sensible client payload.
+MAX_JSON_DEPTH = 32
+# The integers a browser's JSON.parse keeps exactly (Number.MAX_SAFE_INTEGER).
+# Beyond them an id silently changes on the way to other members, and past
+# 2**64 msgpack cannot pack the event at all.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 @dataclass
@@ -35,7 +46,12 @@ def group_name(room: str) -> str:
 
 
 def decode_text_frame(text_data: str | None, bytes_data: bytes | None, max_bytes: int) -> dict:
-    """Parse one client frame into a JSON object, or raise FrameError."""
+    """Parse one client frame (or broadcast API body) into a JSON object, or raise FrameError.
+
+    What is accepted round-trips: the channel layer packs it with msgpack, and
+    every member's browser reads it with JSON.parse, so JSON that only Python
+    takes is refused too (``check_portable``).
+    """
     if text_data is None:
         size = len(bytes_data or b"")
         raise FrameError("bad_json", f"binary frames are not accepted ({size} bytes): send a UTF-8 JSON text frame")
@@ -47,9 +63,76 @@ def decode_text_frame(text_data: str | None, bytes_data: bytes | None, max_bytes
         payload = json.loads(text_data)
     except ValueError as error:
         raise FrameError("bad_json", f"frame is not valid JSON: {error}") from None
+    except RecursionError:
+        # Thousands of nested brackets fit in one frame; json.loads gives up
+        # cleanly, and the frame is refused like any other too-deep one.
+        raise FrameError("bad_json", f"frame nests objects and arrays deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(payload, dict):
         raise FrameError("bad_json", f"frame must be a JSON object, got {type(payload).__name__}")
+    check_portable(payload)
     return payload
+
+
+def check_portable(payload: dict) -> None:
+    """Raise FrameError unless all of ``payload`` survives msgpack and JSON.parse.
+
+    Python's json module accepts, and the rest of the path does not:
+    - NaN, Infinity, -Infinity, and numbers such as 1e400 that overflow to
+      infinity: msgpack packs them, but the frame every member then receives
+      holds a bare NaN, which JSON.parse rejects;
+    - integers beyond 2**53 - 1: JSON.parse rounds them, and past 2**64
+      msgpack raises OverflowError;
+    - lone surrogates, sent as "\\ud800"-style escapes, in values or keys:
+      msgpack's UTF-8 encoding raises UnicodeEncodeError;
+    - nesting deeper than MAX_JSON_DEPTH, which json.dumps may fail to encode.
+    An explicit stack, not recursion: the walk must not fail on the very
+    frames it exists to refuse.
+    """
+    stack = [(payload, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise FrameError("bad_json", f"frame nests objects and arrays deeper than {MAX_JSON_DEPTH} levels")
+        if type(container) is dict:
+            for key in container:
+                _check_text(key)
+            values = container.values()
+        else:
+            values = container
+        # json.loads makes exact dicts, lists, strs, ints, floats, bools and
+        # None: comparing types is the cheap test, once per value of a frame.
+        for value in values:
+            kind = type(value)
+            if kind is str:
+                _check_text(value)
+            elif kind is int:
+                if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+                    raise FrameError(
+                        "bad_schema",
+                        f"integers must be within plus or minus {MAX_SAFE_INTEGER} (2**53 - 1), the range "
+                        "browsers keep exactly: send larger numbers, such as ids, as strings",
+                    )
+            elif kind is dict or kind is list:
+                stack.append((value, depth + 1))
+            elif kind is float and not math.isfinite(value):
+                raise FrameError(
+                    "bad_json",
+                    "numbers must be finite: NaN, Infinity and numbers too large for a double (such as 1e400) "
+                    "are not JSON that browsers accept",
+                )
+
+
+def _check_text(text: str) -> None:
+    # Almost every string is ASCII, which cannot hold a surrogate: one C-speed test.
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError(
+            "bad_json",
+            "strings must be valid Unicode: a \\ud800-\\udfff escape is allowed only as half of a surrogate pair",
+        ) from None
 
 
 def require_message(payload: dict) -> str:
@@ -92,6 +175,7 @@ def error_frame(error: FrameError) -> dict:
 
 def dumps(frame: dict) -> str:
     # Compact separators: every byte is paid once per member on fan-out.
-    # ensure_ascii stays on: a lone surrogate a client smuggled in as "\\ud800"
-    # must not become a str that cannot be encoded to UTF-8 on the way out.
+    # ensure_ascii stays on: should a lone surrogate ever get past
+    # check_portable, it still leaves as an escape, never as a str that cannot
+    # be encoded to UTF-8 on the way out.
     return json.dumps(frame, separators=(",", ":"))

@@ -1,4 +1,4 @@
-"""What this process knows about itself as a replica: draining, open sockets.
+"""What this process knows about itself as a replica: draining, overloaded, open sockets.
 
 One Daphne process is one replica; this state is per process, read by
 /readyz, the consumers and /metrics.
@@ -13,7 +13,12 @@ logger = logging.getLogger(__name__)
 class ReplicaState:
     def __init__(self) -> None:
         self.draining = False
+        # Set by the fan-out layer while its backlog is over its bound: the
+        # replica sheds and must not be sent new sockets.
+        self.overloaded = False
         self.open_sockets = 0
+        # Bytes queued for clients that are not reading them, over all sockets.
+        self.pending_bytes = 0
 
     def start_draining(self) -> None:
         # Imported here: the drain server imports this module before Django is set up.

@@ -36,12 +36,12 @@ from daphne.server import Server  # noqa: E402
 from daphne.ws_protocol import WebSocketProtocol  # noqa: E402
 from twisted.internet import reactor  # noqa: E402
 
+from realtime import close_codes  # noqa: E402
 from realtime.replica import state  # noqa: E402
 from realtime.ws_protocol import ServerCloseProtocol  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-GOING_AWAY = 1001
 
 
 def drain_timeout() -> float:
@@ -82,6 +82,11 @@ class DrainingServer(Server):
         # Runs as the reactor starts, after run() built the factory and before
         # the first connection is served.
         self.ws_factory.protocol = ServerCloseProtocol
+        # A frame over Daphne's transport limit (1 MiB) or a protocol error is
+        # answered with a close frame that says why (1009, 1002, ...), not a
+        # bare TCP drop the client can only read as 1006; a client that does
+        # not answer the close is dropped after autobahn's close timeout.
+        self.ws_factory.setProtocolOptions(failByDrop=False)
         loop = asyncio.get_event_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
@@ -106,7 +111,7 @@ class DrainingServer(Server):
             port.stopListening()
         sockets = self._open_sockets()
         for protocol in sockets:
-            protocol.serverClose(code=GOING_AWAY)
+            protocol.serverClose(code=close_codes.GOING_AWAY)
         # Done when every consumer has run its disconnect (memberships
         # discarded). Daphne's own shutdown then cancels what is left of them.
         loop = asyncio.get_event_loop()

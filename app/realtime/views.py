@@ -4,19 +4,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import secrets
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET
+from redis.exceptions import RedisError
 
 from realtime import metrics, protocol
 from realtime.protocol import FrameError
-from realtime.replica import state
+from realtime.readiness import readiness
 
 logger = logging.getLogger(__name__)
 
@@ -43,34 +44,30 @@ def healthz(request: HttpRequest):
     return JsonResponse({"status": "ok", "pod": settings.POD_NAME})
 
 
-async def _layer_round_trip() -> None:
-    layer = get_channel_layer()
-    # The default prefix, as the consumers' channels: the core layer keeps all
-    # of a process's channels of one prefix in one Redis list, read by one
-    # receive at a time. A channel of its own prefix lands in another list,
-    # which a consumer's pending receive does not read: readiness then timed
-    # out whenever a socket was open.
-    channel = await layer.new_channel()
-    nonce = secrets.token_hex(8)
-    await layer.send(channel, {"type": "readyz.ping", "nonce": nonce})
-    message = await layer.receive(channel)
-    if message.get("nonce") != nonce:
-        raise RuntimeError("round trip returned another message")
+def _readiness_answer(request: HttpRequest, reason: str) -> JsonResponse:
+    body = {"status": "unavailable" if reason else "ready", "pod": settings.POD_NAME}
+    # nginx sets X-Forwarded-For on every request it proxies, replacing any a
+    # client sent. Without it the request came straight to the pod port: a
+    # kubelet probe, or an operator with a port-forward, who need the reason.
+    # The public gets none: it can name Redis's address.
+    if reason and "HTTP_X_FORWARDED_FOR" not in request.META:
+        body["reason"] = reason
+    return JsonResponse(body, status=503 if reason else 200)
+
+
+# Readiness: not draining, not overloaded, and the channel layer answers a
+# send/receive round trip (realtime/readiness.py: cached, one check at a time).
+# Two views, so neither server pays for the other's way of waiting.
+@require_GET
+async def readyz(request: HttpRequest):
+    """Under Daphne: waits, when it must, on the server's own loop."""
+    return _readiness_answer(request, await readiness.reason_async())
 
 
 @require_GET
-async def readyz(request: HttpRequest):
-    """Readiness: not draining, and a real send/receive through the channel layer."""
-    if state.draining:
-        return JsonResponse({"status": "unavailable", "pod": settings.POD_NAME, "reason": "draining"}, status=503)
-    try:
-        await asyncio.wait_for(_layer_round_trip(), settings.READYZ_TIMEOUT_SECONDS)
-    except Exception as error:
-        reason = "timed out" if isinstance(error, asyncio.TimeoutError) else f"{type(error).__name__}: {error}"
-        return JsonResponse(
-            {"status": "unavailable", "pod": settings.POD_NAME, "reason": f"channel layer: {reason}"}, status=503
-        )
-    return JsonResponse({"status": "ready", "pod": settings.POD_NAME})
+def readyz_sync(request: HttpRequest):
+    """Under gunicorn: no loop per request, the checks run on one thread of the worker."""
+    return _readiness_answer(request, readiness.reason_sync())
 
 
 def _bearer_ok(request: HttpRequest) -> bool:
@@ -84,10 +81,24 @@ def _error(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse({"status": "error", "code": code, "detail": detail}, status=status)
 
 
+# What a failed publish can raise when Redis is unreachable. Anything else is
+# a bug and must surface as one, not be counted as a Redis outage.
+LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
+
+
 @csrf_exempt  # a token-authenticated API for servers, not a browser form
-@require_POST
 def broadcast(request: HttpRequest, room: str):
-    """Publish to a room from the HTTP side; reaches members on every replica."""
+    """Publish to a room from the HTTP side; reaches members on every replica.
+
+    Every answer is JSON with a code. A client's mistake is 4xx; 503 means this
+    side cannot publish (no token configured, or Redis unreachable). The body
+    passes the same checks as a WebSocket frame, so what is published always
+    packs for the channel layer and parses in browsers.
+    """
+    if request.method != "POST":
+        response = _error(405, "method_not_allowed", "POST a JSON body to publish")
+        response["Allow"] = "POST"
+        return response
     if not settings.BROADCAST_TOKEN:
         return _error(503, "disabled", "the broadcast API is off: set BROADCAST_TOKEN to enable it")
     if not _bearer_ok(request):
@@ -96,7 +107,11 @@ def broadcast(request: HttpRequest, room: str):
         return response
     if not protocol.is_valid_room(room):
         return _error(404, "unknown_room", "room names are 1-64 characters of A-Z, a-z, 0-9, _ and -")
-    if len(request.body) > settings.WS_MAX_MESSAGE_BYTES:
+    try:
+        too_large = len(request.body) > settings.WS_MAX_MESSAGE_BYTES
+    except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE, which Django answers with a bare 400
+        too_large = True
+    if too_large:
         return _error(413, "too_large", f"body is over the {settings.WS_MAX_MESSAGE_BYTES}-byte limit")
     try:
         payload = protocol.decode_text_frame(request.body.decode("utf-8"), None, settings.WS_MAX_MESSAGE_BYTES)
@@ -107,7 +122,7 @@ def broadcast(request: HttpRequest, room: str):
         return _error(400, error.code, error.detail)
     try:
         async_to_sync(get_channel_layer().group_send)(protocol.group_name(room), event)
-    except Exception as error:
+    except LAYER_ERRORS as error:
         metrics.LAYER_ERRORS.labels(metrics.REPLICA, "group_send").inc()
         logger.warning("broadcast to %s failed: %r", room, error)
         return _error(503, "unavailable", "the channel layer is unreachable; nothing was published")

@@ -1,7 +1,8 @@
 """A replica's write path (``realtime.ws_protocol``) against a client that reads slowly.
 
 Frames are written to the socket at once while nothing is queued before them;
-once the socket is full, Twisted queues the rest. A slow reader must still get
+once the socket is full, the transport holds a little and the protocol queues
+the rest. A slow reader must still get
 every frame, whole and in order, on both paths a frame takes: a reply to one
 socket, and a room fan-out framed once for every member.
 """
@@ -18,8 +19,13 @@ pytestmark = pytest.mark.redis
 
 FRAMES = 150
 PAYLOAD = "x" * 40_000
-# The replica's limits are not under test here: 150 frames go out at once.
-GENEROUS_LIMITS = {"WS_RATE_LIMIT_PER_SECOND": "1000", "WS_RATE_LIMIT_BURST": "1000"}
+# The replica's limits are not under test here: 150 frames (6 MB) go out at
+# once, and wait in the replica's queue for the slow reader, in order.
+GENEROUS_LIMITS = {
+    "WS_RATE_LIMIT_PER_SECOND": "1000",
+    "WS_RATE_LIMIT_BURST": "1000",
+    "WS_MAX_PENDING_BYTES": str(16 * 1024 * 1024),
+}
 
 
 def small_buffer_socket(port: int) -> socket.socket:

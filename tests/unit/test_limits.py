@@ -1,4 +1,5 @@
 """Per-socket and per-replica limits, the drain flag, metrics and log format."""
+import asyncio
 import json
 import logging
 
@@ -21,21 +22,47 @@ def test_token_bucket_allows_the_burst_then_the_rate():
 async def test_a_flood_gets_rate_limited_frames_then_close_1008(settings):
     settings.WS_RATE_LIMIT_PER_SECOND = 1
     settings.WS_RATE_LIMIT_BURST = 3
-    settings.WS_RATE_LIMIT_CLOSE_AFTER = 4
+    settings.WS_RATE_LIMIT_CLOSE_AFTER_SECONDS = 0.3
     socket, _ = await connect("/ws/echo/")
-    for index in range(7):
+    replies = []
+    for index in range(20):
         await socket.send_json_to({"message": index})
-    replies = [await socket.receive_json_from() for _ in range(7)]
+        output = await socket.receive_output()
+        if output["type"] == "websocket.close":
+            break
+        replies.append(json.loads(output["text"]))
+        await asyncio.sleep(0.05)
+    assert output == {"type": "websocket.close", "code": 1008}
     assert [r.get("message") for r in replies[:3]] == [0, 1, 2]
     assert all(r.get("code") == "rate_limited" for r in replies[3:])
-    closed = await socket.receive_output()
-    assert closed == {"type": "websocket.close", "code": 1008}
+    # Refused for 0.3 s at 20 frames a second: closed after about 6 refusals, not 20.
+    assert 4 <= len(replies) - 3 <= 9
+
+
+async def test_a_flood_that_interleaves_accepted_frames_is_still_closed(settings):
+    """Just over the rate, every other frame is accepted; a count of refusals
+    in a row never grows, but the time spent over the rate does."""
+    settings.WS_RATE_LIMIT_PER_SECOND = 10
+    settings.WS_RATE_LIMIT_BURST = 1
+    settings.WS_RATE_LIMIT_CLOSE_AFTER_SECONDS = 0.5
+    socket, _ = await connect("/ws/api/")
+    statuses = []
+    for index in range(40):
+        await socket.send_json_to({"request": index})
+        output = await socket.receive_output()
+        if output["type"] == "websocket.close":
+            break
+        statuses.append(json.loads(output["text"])["status"])
+        await asyncio.sleep(0.05)  # 20 a second against a rate of 10
+    assert output == {"type": "websocket.close", "code": 1008}
+    assert "OK" in statuses[1:] and "error" in statuses
+    assert len(statuses) < 20
 
 
 async def test_a_short_burst_is_refused_but_not_closed(settings):
     settings.WS_RATE_LIMIT_PER_SECOND = 1
     settings.WS_RATE_LIMIT_BURST = 1
-    settings.WS_RATE_LIMIT_CLOSE_AFTER = 5
+    settings.WS_RATE_LIMIT_CLOSE_AFTER_SECONDS = 5
     socket, _ = await connect("/ws/api/")
     await socket.send_json_to({"request": 1})
     await socket.send_json_to({"request": 2})

@@ -80,17 +80,62 @@ def test_an_empty_upstream_is_refused():
         values_for(port=1, runtime_dir="/x", daphne=[], gunicorn=["b:2"])
 
 
-def test_websocket_location_outlives_daphnes_ping_and_cannot_be_spoofed():
+def locations(config: str) -> dict[str, str]:
+    """Each location block's directives, by its match."""
+    return {match.group(1).strip(): match.group(2) for match in re.finditer(r"location ([^{]+)\{([^}]*)\}", config)}
+
+
+def test_websocket_location_outlives_daphnes_ping():
     config = directives(TEMPLATE.read_text())
-    ws_location = config[config.index("location /ws/"):config.index("location /static/")]
-    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", ws_location).group(1))
+    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", locations(config)["/ws/"]).group(1))
     assert read_timeout > DAPHNE_PING_INTERVAL, "an idle socket would be cut between two pings"
-    assert "proxy_http_version 1.1;" in ws_location
-    assert "proxy_set_header Connection $connection_upgrade;" in ws_location
+
+
+# What nginx must set (or clear, with "") on every proxied request: every
+# header Daphne, gunicorn, Django or the app would believe from a client.
+EDGE_HEADERS = {
+    "Host": "$host",
+    "Upgrade": "$upstream_upgrade",
+    "Connection": "$upstream_connection",
+    "X-Forwarded-For": "$remote_addr",
+    "X-Real-IP": "$remote_addr",
+    "Forwarded": '"for=$forwarded_for;proto=$scheme"',
+    "X-Forwarded-Proto": "$scheme",
+    "X-Forwarded-Protocol": '""',
+    "X-Forwarded-Ssl": '""',
+    "X-Forwarded-Host": "$host",
+    "X-Forwarded-Port": "$server_port",
+    "Daphne-Root-Path": '""',
+    "X-Forwarded-Prefix": '""',
+    "SCRIPT_NAME": '""',
+    "PATH_INFO": '""',
+}
+
+
+def test_every_proxied_location_gets_every_edge_header_and_none_can_be_spoofed():
+    config = directives(TEMPLATE.read_text())
+    server = config[config.index("server {"):]
+    # A proxy_set_header in a location would replace all the server's ones there.
+    for match, block in locations(config).items():
+        assert "proxy_set_header" not in block, f"location {match} sets its own headers and loses the server's"
+    proxied = [match for match, block in locations(config).items() if "proxy_pass" in block]
+    assert sorted(proxied) == ["/", "/static/", "/ws/"]
+    found = dict(re.findall(r"proxy_set_header (\S+) (.+);$", server.split("location", 1)[0], re.M))
+    assert found == EDGE_HEADERS
+    assert "proxy_http_version 1.1;" in server.split("location", 1)[0]
     # Daphne's --proxy-headers trusts the leftmost X-Forwarded-For.
     assert "$proxy_add_x_forwarded_for" not in config
-    assert config.count("proxy_set_header X-Forwarded-For $remote_addr;") == 2
     assert "server_tokens off;" in config
+
+
+def test_only_the_daphne_pool_is_sent_upgrades():
+    """gunicorn's pool keeps connections alive, and an upgrade it accepted would tunnel past nginx."""
+    config = directives(TEMPLATE.read_text())
+    for variable, for_daphne in (("upstream_upgrade", "$http_upgrade"), ("upstream_connection", "$connection_upgrade")):
+        block = re.search(r"map \$proxy_host \$%s \{([^}]*)\}" % variable, config).group(1)
+        assert dict(re.findall(r"(\S+)\s+(.+);", block)) == {"daphne": for_daphne, "default": '""'}
+    # A WebSocket upgrade only: no h2c or other protocol reaches Daphne as an upgrade.
+    assert re.search(r"map \$http_upgrade \$connection_upgrade \{\s+~\*\^websocket\$ upgrade;\s+default\s+close;", config)
 
 
 def test_there_is_one_nginx_config():
