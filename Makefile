@@ -43,6 +43,13 @@ lock: ## re-resolve requirements/*.in into the hashed lock files (needs uv)
 test: venv system-packages ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# make fuzz [FUZZ_EXAMPLES=2000]   the frame fuzzer (make test runs it with 150 examples) for longer
+FUZZ_EXAMPLES ?= 2000
+
+.PHONY: fuzz
+fuzz: venv system-packages ## random and mutated WebSocket frames against a live replica, FUZZ_EXAMPLES (2000) of them
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -q -o timeout=0 tests/integration/test_frame_fuzz.py
+
 .PHONY: clean
 clean: ## remove the virtual environment and build output
 	rm -rf $(VENV) $(CHECKOV_VENV) build

@@ -58,7 +58,9 @@ class DeliveryTracker:
         self.rooms.setdefault(room, {})[member] = replica
 
     def lose(self, room: str, member: object) -> None:
-        """The member's socket died: expect nothing new, keep judging what it was owed."""
+        """The member is gone for good (it will not resume): expect nothing new,
+        keep judging what it was owed. A member that reconnects and resumes is
+        not lost: it stays joined, and what it missed arrives with the replay."""
         self.rooms.get(room, {}).pop(member, None)
 
     def leave(self, room: str, member: object) -> None:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
 import time
+from urllib.parse import quote
 
 # Import the sibling modules as the ``loadtest`` package whatever the working
 # directory: locust only puts the locustfile's own directory on sys.path.
@@ -33,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gevent  # noqa: E402
 import websocket  # noqa: E402
-from gevent.event import AsyncResult  # noqa: E402
+from gevent.event import AsyncResult, Event  # noqa: E402
 from gevent.queue import Empty, Queue  # noqa: E402
 from locust import HttpUser, User, constant_throughput, events, tag, task  # noqa: E402
 from locust.runners import CPU_WARNING_THRESHOLD, MasterRunner, WorkerRunner  # noqa: E402
@@ -41,8 +43,21 @@ from locust.runners import CPU_WARNING_THRESHOLD, MasterRunner, WorkerRunner  # 
 from loadtest import summary  # noqa: E402
 from loadtest.cpu_watch import CpuWatch  # noqa: E402
 from loadtest.delivery import DeliveryTracker  # noqa: E402
-from loadtest.thresholds import FANOUT, HTTP_FANOUT, Row, Thresholds, judge  # noqa: E402
-from loadtest.ws_connection import BadFrame, ConnectionLost, WsConnection  # noqa: E402
+from loadtest.thresholds import (  # noqa: E402
+    DUPLICATE,
+    FANOUT,
+    HTTP_FANOUT,
+    NOT_RECOVERED,
+    RECONNECT,
+    RECOVERED,
+    RESUME,
+    Row,
+    Thresholds,
+    judge,
+    pair_name,
+    reconnect_name,
+)
+from loadtest.ws_connection import ABNORMAL_CLOSURE, BadFrame, ConnectionLost, WsConnection  # noqa: E402
 
 logger = logging.getLogger("loadtest")
 
@@ -52,6 +67,13 @@ REPLY_TIMEOUT = 10.0
 SWEEP_SECONDS = 0.2
 CHAT_PATH = "/ws/chat/{room}/"
 CHAT_NAME = "/ws/chat/[room]/"
+# A member whose socket was lost comes back after a random delay up to
+# min(cap, base * 2**failures): "full jitter", as the chat page does.
+BACKOFF_BASE_SECONDS = 0.1
+BACKOFF_CAP_SECONDS = 5.0
+# How long after a resume's replay a member waits for its own unconfirmed
+# messages before it sends them again (see RoomMember._send_unconfirmed).
+RESEND_GRACE_SECONDS = 0.5
 
 
 def _positive(kind):
@@ -136,25 +158,49 @@ def _tracker() -> DeliveryTracker:
 # --- room members and users ---
 
 
+class DuplicateDelivery(Exception):
+    """A member received an offset of an epoch it already had."""
+
+
 class RoomMember:
-    """One socket in a chat room; its receipts go to the process's delivery tracker."""
+    """One member of a chat room; its receipts go to the process's delivery tracker.
+
+    A member, not a socket: when the server closes its socket (1001 draining,
+    1012 lost Redis, 4000 fell behind, 1013 full, 1008 flood) or the network
+    drops it, a reconnect greenlet reopens it through the same host with
+    full-jitter backoff and resumes from the member's last position
+    (``?epoch=&offset=``): the server replays what it missed, so the member
+    stays in the room and what it is owed keeps counting. Every reconnect is a
+    ``reconnect after <code>`` row (its time: how long the member was away) and
+    every resume a ``resume recovered`` / ``not recovered`` row; an offset
+    received twice within an epoch is a ``duplicate`` failure.
+    """
 
     def __init__(self, environment, room: str):
         self.environment = environment
         self.room = room
         self.replica: str | None = None
         self.conn: WsConnection | None = None
-        self.alive = False
-        self._welcome = AsyncResult()
+        self.alive = False  # in the room: connected, or coming back
+        self.connected = False  # a socket is open and welcomed
+        # (epoch, offset) of the last message received, or of the welcome
+        # when nothing was replayed after it: where a reconnect resumes.
+        self.position: tuple[str, int] | None = None
+        self.last_welcome: dict = {}
+        self._generation = 0
+        self._replay_left = 0
+        self._caught_up = Event()
+        # This member's own messages that have not come back from the room
+        # yet, with the socket (generation) each went out on.
+        self._unconfirmed: dict[str, tuple[int, dict]] = {}
+        self._reconnector: gevent.Greenlet | None = None
+        self._lost: tuple[float, int] = (0.0, ABNORMAL_CLOSURE)  # when and why the last socket was lost
+        self._stopped = False
 
     def join(self) -> bool:
         started = time.perf_counter()
-        try:
-            self.conn = WsConnection(
-                self.environment.host, CHAT_PATH.format(room=self.room), self._on_frame, self._on_error, REPLY_TIMEOUT
-            )
-            self.replica = self._welcome.get(timeout=REPLY_TIMEOUT)
-        except (websocket.WebSocketException, OSError, ConnectionLost, BadFrame, gevent.Timeout) as error:
+        error = self._connect()
+        if error is not None:
             _record(self.environment, "connect", CHAT_NAME, (time.perf_counter() - started) * 1000, exception=error)
             self.close()
             return False
@@ -163,38 +209,180 @@ class RoomMember:
         _tracker().join(self.room, self, self.replica)
         return True
 
-    def _on_frame(self, frame: dict) -> None:
+    def _connect(self) -> Exception | None:
+        """Open a socket (resuming from the position, if any) and wait for its welcome."""
+        self._generation += 1
+        generation, welcome = self._generation, AsyncResult()
+        self.connected = False
+        self._caught_up.clear()
+        path = CHAT_PATH.format(room=self.room)
+        if self.position is not None:
+            path += f"?epoch={quote(self.position[0])}&offset={self.position[1]}"
+        conn = None
+        try:
+            conn = WsConnection(
+                self.environment.host,
+                path,
+                lambda frame: self._on_frame(generation, welcome, frame),
+                lambda error: self._on_error(generation, welcome, error),
+                REPLY_TIMEOUT,
+            )
+            welcome.get(timeout=REPLY_TIMEOUT)
+        except (websocket.WebSocketException, OSError, ConnectionLost, BadFrame, gevent.Timeout) as error:
+            if conn is not None:
+                conn.close()
+            return error
+        except gevent.GreenletExit:
+            if conn is not None:  # stopped mid-handshake
+                conn.close()
+            raise
+        if self._stopped:
+            conn.close()
+            return ConnectionLost("the member was stopped")
+        old, self.conn = self.conn, conn
+        if old is not None:
+            old.close()
+        self.connected = True
+        return None
+
+    def _on_frame(self, generation: int, welcome: AsyncResult, frame: dict) -> None:
+        if generation != self._generation:
+            return  # a socket this member has given up on
         kind = frame.get("type")
         if kind == "chat.message":
-            _tracker().received(self, frame)
+            self._on_chat(frame)
         elif kind == "welcome":
-            self._welcome.set(str(frame.get("pod", "unknown")))
+            self.replica = str(frame.get("pod", "unknown"))
+            self.last_welcome = frame
+            self._replay_left = int(frame.get("replayed") or 0)
+            # With a replay coming, the replayed messages move the position:
+            # a socket lost mid-replay resumes from the last one received.
+            if self._replay_left == 0:
+                if "epoch" in frame:
+                    self.position = (frame["epoch"], frame["offset"])
+                self._caught_up.set()
+            welcome.set(frame)
         elif kind == "error":
             _record(self.environment, "ws", f"{CHAT_NAME} error frame", 0,
                     exception=RuntimeError(f"{frame.get('code')}: {frame.get('detail')}"))
 
-    def _on_error(self, error: Exception) -> None:
-        if not self._welcome.ready():
-            self._welcome.set_exception(error)  # join() reports it as a failed connect
+    def _on_chat(self, frame: dict) -> None:
+        epoch, offset = frame.get("epoch"), frame.get("offset")
+        if isinstance(epoch, str) and isinstance(offset, int):
+            # The server hands each member a room's offsets in order, once: an
+            # offset at or below the last one of the same epoch came before.
+            if self.position is not None and self.position[0] == epoch and offset <= self.position[1]:
+                _record(self.environment, DUPLICATE,
+                        pair_name(str(frame.get("origin")), str(frame.get("served_by"))), 0,
+                        exception=DuplicateDelivery(f"offset {offset} of epoch {epoch} again, after {self.position[1]}"))
+            else:
+                self.position = (epoch, offset)
+        self._unconfirmed.pop(frame.get("id"), None)
+        if self._replay_left > 0:
+            self._replay_left -= 1
+            if self._replay_left == 0:
+                self._caught_up.set()
+        _tracker().received(self, frame)
+
+    def _on_error(self, generation: int, welcome: AsyncResult, error: Exception) -> None:
+        if generation != self._generation:
+            return
+        if not welcome.ready():
+            welcome.set_exception(error)  # _connect() reports it
             return
         if isinstance(error, ConnectionLost):
-            self.lost()
+            self.lost(error)
+            return
         _record(self.environment, "ws", f"{CHAT_NAME} receive", 0, exception=error)
+
+    def publish(self, frame: dict) -> None:
+        """Send one of this member's own messages; it is confirmed when it comes
+        back from the room. Raises ConnectionLost (the message was not sent)."""
+        self._unconfirmed[frame["id"]] = (self._generation, frame)
+        try:
+            self.conn.send(frame)
+        except ConnectionLost:
+            self._unconfirmed.pop(frame["id"], None)
+            raise
 
     def send(self, frame: dict) -> None:
         self.conn.send(frame)
 
-    def lost(self) -> None:
-        """The socket died under us: what the member was owed still fails at its deadline."""
-        if self.alive:
-            self.alive = False
-            _tracker().lose(self.room, self)
+    def lost(self, error: ConnectionLost | None = None) -> None:
+        """The socket died under us: come back and resume; what the member is
+        owed keeps counting, and arrives with the replay."""
+        self.connected = False
+        self._caught_up.set()  # wakes a reconnector waiting for a replay that will not finish
+        if self._stopped or not self.alive:
+            return
+        self._lost = (time.perf_counter(), error.code if error is not None else ABNORMAL_CLOSURE)
+        if self._reconnector is None or self._reconnector.dead:
+            self._reconnector = gevent.spawn(self._reconnect)
+
+    def _reconnect(self) -> None:
+        # One greenlet per member: a socket lost again while it still works
+        # (resending after a replay) is taken up by its next turn of the loop.
+        while not self._stopped and not self.connected:
+            lost_at, code = self._lost
+            failures = 0
+            resumed_from = self.position
+            while True:
+                # Full jitter: the members of a drained replica do not come back in lockstep.
+                gevent.sleep(random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**failures)))
+                if self._stopped:
+                    return
+                error = self._connect()
+                if error is None:
+                    break
+                logger.debug("%s: reconnect failed: %r", self.room, error)
+                failures += 1
+            _record(self.environment, RECONNECT, reconnect_name(code), (time.perf_counter() - lost_at) * 1000)
+            # Still owed what it was; messages from now on are owed to it on its new replica.
+            _tracker().join(self.room, self, self.replica)
+            recovered = self.last_welcome.get("recovered")
+            if resumed_from is not None and recovered is not None:
+                _record(self.environment, RESUME, RECOVERED if recovered else NOT_RECOVERED, 0,
+                        length=int(self.last_welcome.get("replayed") or 0))
+            self._send_unconfirmed(recovered)
+
+    def _send_unconfirmed(self, recovered) -> None:
+        """Own messages sent on a socket that was lost before they came back:
+        the replay has those that were published; the others are sent again."""
+        # _caught_up is also set when the socket is lost mid-replay.
+        if not self._unconfirmed or not self._caught_up.wait(timeout=REPLY_TIMEOUT) or not self.connected:
+            return
+        if recovered is False:
+            # Nobody can tell which were published: sending again could duplicate.
+            self._unconfirmed.clear()
+            return
+        # A publish the old replica was still making when the socket closed
+        # arrives live, just after the replay: give it a moment first.
+        gevent.sleep(RESEND_GRACE_SECONDS)
+        if not self.connected:
+            return
+        deadline = _tracker().clock() - _tracker().deadline
+        generation = self._generation
+        for message_id, (sent_on, frame) in list(self._unconfirmed.items()):
+            if sent_on == generation:
+                continue  # sent on this socket: on its way
+            if frame.get("sent_at", 0) < deadline:
+                del self._unconfirmed[message_id]  # judged already
+                continue
+            try:
+                self.conn.send(frame)
+            except ConnectionLost:
+                return  # the next reconnect tries again
+            self._unconfirmed[message_id] = (generation, frame)
 
     def close(self) -> None:
         """Stop on purpose: what a live member was still owed is dropped, unjudged."""
+        self._stopped = True
         if self.alive and _Process.tracker is not None:
             _Process.tracker.leave(self.room, self)
         self.alive = False
+        self.connected = False
+        if self._reconnector is not None and self._reconnector is not gevent.getcurrent():
+            self._reconnector.kill(block=False)
         if self.conn is not None:
             self.conn.close()
 
@@ -226,16 +414,16 @@ class FanoutUser(User):
                 self.member.close()
             self._join()
             return
+        if not self.member.connected:
+            return  # coming back: it publishes again once it has resumed
         tracker = _tracker()
         message_id, sent_at = tracker.publish(self.room, FANOUT, origin=self.member.replica)
         try:
-            self.member.send({"message": f"load {message_id}", "id": message_id, "sent_at": sent_at})
-        except ConnectionLost as error:
+            self.member.publish({"message": f"load {message_id}", "id": message_id, "sent_at": sent_at})
+        except ConnectionLost:
+            # Not sent: nobody is owed it. The socket's reader sees the loss
+            # too (with its close code), and the member comes back.
             tracker.cancel(message_id)
-            _record(self.environment, "ws", f"{CHAT_NAME} send", 0, exception=error)
-            self.member.lost()
-            self.member.close()
-            self.member = None
 
     def on_stop(self):
         if self.member is not None:

@@ -9,6 +9,16 @@ over a WebSocket) or ``http-fanout`` (published through the HTTP API) and
 whose name is ``<origin>-><served_by>``: the replica that published and the
 replica that delivered. The stats table therefore *is* the replica matrix, and
 a master that only sees aggregated rows can still count replicas and pairs.
+
+Room members that lose their socket reconnect and resume; they report that as
+rows too, so distributed runs add them up like any other stats:
+
+* ``reconnect  after <close code>``: one per socket lost and got back, its
+  response time how long the member was away;
+* ``resume  recovered`` / ``resume  not recovered``: the welcome's answer to
+  the position the member resumed from (response length: messages replayed);
+* ``duplicate  <origin>-><served_by>``: a member received an offset of an
+  epoch it already had: always a failure, judged by its own check.
 """
 from __future__ import annotations
 
@@ -19,6 +29,12 @@ FANOUT = "fanout"
 HTTP_FANOUT = "http-fanout"
 DELIVERY_TYPES = (FANOUT, HTTP_FANOUT)
 PAIR_SEPARATOR = "->"
+RECONNECT = "reconnect"
+RESUME = "resume"
+DUPLICATE = "duplicate"
+RECOVERED, NOT_RECOVERED = "recovered", "not recovered"
+# Rows that count what happened to sockets, judged by their own checks, not as "other" requests.
+SOCKET_TYPES = (RECONNECT, RESUME, DUPLICATE)
 
 PASS, FAIL, INVALID = "PASS", "FAIL", "INVALID"
 EXIT_CODES = {PASS: 0, FAIL: 1, INVALID: 3}
@@ -26,6 +42,11 @@ EXIT_CODES = {PASS: 0, FAIL: 1, INVALID: 3}
 
 def pair_name(origin: str, served_by: str) -> str:
     return f"{origin}{PAIR_SEPARATOR}{served_by}"
+
+
+def reconnect_name(code: int | None) -> str:
+    """The row of reconnects after a socket closed with ``code``."""
+    return f"after {code}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,13 @@ class Verdict:
     cpu_peaks: dict[str, float]
     unsettled_at_stop: int
     notes: list[str] = field(default_factory=list)
+    # Sockets lost and got back, by the close code that ended them ("1001": 6).
+    reconnects: int = 0
+    reconnect_codes: dict[str, int] = field(default_factory=dict)
+    resumes_recovered: int = 0
+    resumes_not_recovered: int = 0
+    # Offsets a member received twice within an epoch.
+    duplicates: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -126,9 +154,23 @@ def judge(
 ) -> Verdict:
     """PASS when every check holds; INVALID when the load generator itself was
     CPU-starved (its latencies and deadlines measure locust, not the system)."""
-    deliveries, others = [], []
+    deliveries, others, sockets = [], [], []
     for row in rows:
-        (deliveries if row.request_type in DELIVERY_TYPES and split_pair(row.name) else others).append(row)
+        if row.request_type in DELIVERY_TYPES and split_pair(row.name):
+            deliveries.append(row)
+        elif row.request_type in SOCKET_TYPES:
+            sockets.append(row)
+        else:
+            others.append(row)
+    reconnect_codes: dict[str, int] = {}
+    for row in sockets:
+        if row.request_type == RECONNECT:
+            code = row.name.removeprefix(reconnect_name(""))
+            reconnect_codes[code] = reconnect_codes.get(code, 0) + row.count
+    resumes = {name: sum(r.count for r in sockets if r.request_type == RESUME and r.name == name)
+               for name in (RECOVERED, NOT_RECOVERED)}
+    # Each duplicate is one failed event in its row.
+    duplicates = sum(row.failures for row in sockets if row.request_type == DUPLICATE)
     count = sum(row.count for row in deliveries)
     lost = sum(row.failures for row in deliveries)
     ratio = (count - lost) / count if count else None
@@ -172,6 +214,8 @@ def judge(
             else:
                 limit = f">= {wanted}"
             checks.append(Check("cross-replica pairs", len(cross) >= wanted, str(len(cross)), limit))
+    if expects_fanout or duplicates:
+        checks.append(Check("duplicate deliveries", duplicates == 0, str(duplicates), "0"))
     other_failures = sum(row.failures for row in others)
     checks.append(Check("other request failures", other_failures == 0, str(other_failures), "0"))
     peak = max(cpu_peaks.values(), default=0.0)
@@ -197,6 +241,19 @@ def judge(
             f"{unsettled_at_stop} deliveries were still inside their deadline when the test stopped:"
             " neither passed nor failed"
         )
+    if expects_fanout or sockets:
+        # As a note, so the text summary shows it with the rest; the JSON has the numbers.
+        codes = ", ".join(f"{code}: {count}" for code, count in sorted(reconnect_codes.items()))
+        notes.append(
+            f"reconnects: {sum(reconnect_codes.values())}" + (f" (after close code {codes})" if codes else "")
+            + f"; resumes: {resumes[RECOVERED]} recovered, {resumes[NOT_RECOVERED]} not recovered;"
+            f" duplicates: {duplicates}"
+        )
+    if resumes[NOT_RECOVERED]:
+        notes.append(
+            f"{resumes[NOT_RECOVERED]} resumes were not recovered (history did not cover the gap): those members"
+            " were told some messages may be missing, and what they missed counts as lost"
+        )
     return Verdict(
         status=status,
         checks=checks,
@@ -221,4 +278,9 @@ def judge(
         cpu_peaks=dict(cpu_peaks),
         unsettled_at_stop=unsettled_at_stop,
         notes=notes,
+        reconnects=sum(reconnect_codes.values()),
+        reconnect_codes=dict(sorted(reconnect_codes.items())),
+        resumes_recovered=resumes[RECOVERED],
+        resumes_not_recovered=resumes[NOT_RECOVERED],
+        duplicates=duplicates,
     )

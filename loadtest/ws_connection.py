@@ -9,6 +9,7 @@ event loop and do not mix with locust's gevent hub.)
 from __future__ import annotations
 
 import json
+import struct
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -17,8 +18,20 @@ import gevent
 import websocket
 
 
+# No close frame: the network, or a server that died, ended the socket.
+ABNORMAL_CLOSURE = 1006
+
+
 class ConnectionLost(Exception):
-    """The server closed the socket, or the network did, while we still wanted it."""
+    """The server closed the socket, or the network did, while we still wanted it.
+
+    ``code`` is the server's close code (1001 draining, 1012 lost Redis, 4000
+    fell behind, ...), or 1006 when the socket ended without a close frame.
+    """
+
+    def __init__(self, message: str, code: int = ABNORMAL_CLOSURE):
+        super().__init__(message)
+        self.code = code
 
 
 class BadFrame(Exception):
@@ -71,22 +84,30 @@ class WsConnection:
     def _read(self) -> None:
         while True:
             try:
-                text = self.sock.recv()
+                # recv_data, not recv: recv turns the server's close frame into
+                # "" and drops its code, which says why (and the code is what a
+                # client that reconnects reports).
+                with self.sock.readlock:
+                    opcode, data = self.sock.recv_data()
             except (websocket.WebSocketException, OSError) as error:
                 if not self.closing:
                     self.on_error(ConnectionLost(f"{type(error).__name__}: {error}"))
                 return
-            if text == "":
-                # websocket-client returns "" for the server's close frame.
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005
                 if not self.closing:
-                    self.on_error(ConnectionLost("closed by the server"))
+                    reason = data[2:].decode("utf-8", "replace")
+                    self.on_error(ConnectionLost(f"closed by the server with {code} {reason}".rstrip(), code=code))
                 return
             try:
-                frame = json.loads(text)
+                text = None
+                if opcode == websocket.ABNF.OPCODE_TEXT:
+                    text = data if isinstance(data, str) else data.decode("utf-8")
+                frame = json.loads(text) if text is not None else None
             except ValueError:
                 frame = None
             if not isinstance(frame, dict):
-                self.on_error(BadFrame(f"not a JSON object: {str(text)[:80]!r}"))
+                self.on_error(BadFrame(f"not a JSON object: {str(data)[:80]!r}"))
                 continue
             self.on_frame(frame)
 

@@ -117,6 +117,17 @@ FANOUT_MAX_BACKLOG_BYTES = env_int("FANOUT_MAX_BACKLOG_BYTES", 64 * 1024 * 1024,
 # Sockets one replica holds; beyond it new sockets are closed with 1013 (try again later).
 WS_MAX_CONNECTIONS = env_int("WS_MAX_CONNECTIONS", 20000, minimum=1)
 BROADCAST_TOKEN = os.environ.get("BROADCAST_TOKEN", "")
+# Room history of the fan-out layer: the last ROOM_HISTORY_SIZE messages of a
+# room (0: no history, no resume), forgotten ROOM_HISTORY_TTL_SECONDS after the
+# room's last publish (0: kept until trimmed or evicted). A member that
+# reconnects within that window gets what it missed (README, Wire protocol).
+ROOM_HISTORY_SIZE = env_int("ROOM_HISTORY_SIZE", 1000, minimum=0)
+ROOM_HISTORY_TTL_SECONDS = env_int("ROOM_HISTORY_TTL_SECONDS", 300, minimum=0)
+# A replica that hears nothing on its Redis subscription link for this long
+# (it PINGs five times as often) closes its room members with 1012, so they
+# resume on another replica, and reports not ready until the link is back.
+# Publishes and history reads give up after it too.
+REDIS_LINK_TIMEOUT_SECONDS = env_float("REDIS_LINK_TIMEOUT_SECONDS", 5.0, minimum=0.5)
 # How long /readyz waits for its channel-layer round trip before answering 503.
 READYZ_TIMEOUT_SECONDS = env_float("READYZ_TIMEOUT_SECONDS", 2.0, minimum=0.1)
 # /readyz answers from a result at most this old; one check at a time refreshes it.

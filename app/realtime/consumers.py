@@ -6,6 +6,7 @@ a frame (a reply or an error), never a dead consumer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -15,10 +16,9 @@ from channels.exceptions import StopConsumer
 from channels.layers import get_channel_layer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from redis.exceptions import RedisError
 
-from realtime import close_codes, metrics, protocol
-from realtime.layers import FanoutChannelLayer
+from realtime import close_codes, history, metrics, protocol
+from realtime.layers import LAYER_ERRORS, FanoutChannelLayer
 from realtime.limits import TokenBucket
 from realtime.membership import keeper
 from realtime.protocol import FrameError
@@ -26,10 +26,14 @@ from realtime.replica import state
 
 logger = logging.getLogger(__name__)
 
-LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
 # A refusal within this long of the one before continues a flood.
 FLOOD_GAP_SECONDS = 1.0
 GROUP_SEND_SECONDS = metrics.GROUP_SEND_SECONDS.labels(metrics.REPLICA)
+
+
+def _report_failed_close(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("could not close a failed consumer's socket: %r", task.exception())
 
 
 class JsonFrameConsumer(AsyncWebsocketConsumer):
@@ -122,7 +126,8 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
         if not self.closing and hasattr(self, "base_send"):
             self.closing = True
             # Not awaited in the fan-out's task; Daphne queues nothing for it.
-            asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": close_codes.SERVER_ERROR}))
+            closing = asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": close_codes.SERVER_ERROR}))
+            closing.add_done_callback(_report_failed_close)
 
     async def dispatch(self, message):
         # Channels' own dispatch awaits aclose_old_connections() before every
@@ -272,11 +277,23 @@ class ApiConsumer(JsonFrameConsumer):
 
 
 class ChatConsumer(JsonFrameConsumer):
-    """``/ws/chat/<room>/``: every member on every replica gets every message."""
+    """``/ws/chat/<room>/``: every member on every replica gets every message.
+
+    On the fan-out layer with room history, a member also gets each message's
+    ``offset`` and ``epoch``, may resume from the last one it saw
+    (``?offset=N&epoch=E``), and is never handed a message out of sequence:
+    a gap (a message this replica did not get) or a new epoch (history lost)
+    closes the socket with 4000, and the client resumes, so what it missed is
+    replayed or it is told ``recovered: false``.
+    """
 
     endpoint = "chat"
 
     group = None
+    # Live messages that arrive while the member is joining (the replay comes first).
+    joining: collections.deque | None = None
+    epoch = ""
+    last_offset = 0
 
     async def connect(self):
         self.room = self.scope["url_route"]["kwargs"]["room"]
@@ -285,14 +302,66 @@ class ChatConsumer(JsonFrameConsumer):
             metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "bad_room").inc()
             await self.close()
             return
+        if state.redis_links_down:
+            # Refused with 503, which nginx retries on another replica.
+            metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "redis_link").inc()
+            await self.close()
+            return
         await super().connect()
 
+    @property
+    def has_history(self) -> bool:
+        return isinstance(self.channel_layer, FanoutChannelLayer) and settings.ROOM_HISTORY_SIZE > 0
+
     async def joined(self) -> None:
+        try:
+            resume = protocol.resume_position(self.scope.get("query_string", b""))
+        except FrameError as error:
+            await self.refuse(error)
+            resume = None
         group = protocol.group_name(self.room)
+        if self.has_history:
+            self.joining = collections.deque()
+        # Live first, then history: a message published in between is in both,
+        # and its offset tells the copies apart.
         await self.channel_layer.group_add(group, self.channel_name)
         self.group = group
         keeper.track(self.channel_layer, group, self.channel_name)
-        await self.send_json(protocol.welcome(self.room, settings.POD_NAME))
+        if not self.has_history:
+            await self.send_json(protocol.welcome(self.room, settings.POD_NAME, recovered=False if resume else None))
+            return
+        try:
+            if resume is not None:
+                recovery, missed = await self.channel_layer.history_since(group, history.Position(*resume))
+                position = recovery.position
+                metrics.HISTORY_RESUMES.labels(metrics.REPLICA, str(recovery.recovered).lower()).inc()
+                metrics.HISTORY_REPLAYED.labels(metrics.REPLICA).inc(len(missed))
+            else:
+                position, missed = await self.channel_layer.history_position(group), []
+        except LAYER_ERRORS as error:
+            # No history, no promise: the client tries again (another replica,
+            # or this one once Redis answers) and resumes then.
+            metrics.LAYER_ERRORS.labels(metrics.REPLICA, "history").inc()
+            logger.warning("history of %s unreadable, closing with 1012: %r", group, error)
+            await self.close(code=close_codes.SERVICE_RESTART)
+            return
+        self.epoch, self.last_offset = position.epoch, position.offset
+        await self.send_json(
+            protocol.welcome(
+                self.room,
+                settings.POD_NAME,
+                epoch=position.epoch,
+                offset=position.offset,
+                recovered=None if resume is None else recovery.recovered,
+                replayed=len(missed),
+            )
+        )
+        for event in missed:
+            await self.send_frame(protocol.dumps(protocol.chat_delivery(event, served_by=settings.POD_NAME)))
+        while self.joining:
+            await self.chat_message_in_sequence(self.joining.popleft())
+        # No await between the last look at the queue and going live.
+        self.joining = None
 
     async def left(self) -> None:
         if self.group is None:
@@ -328,12 +397,47 @@ class ChatConsumer(JsonFrameConsumer):
     _encoded: tuple[dict | None, str] = (None, "")
 
     async def chat_message(self, event: dict) -> None:
+        if "offset" in event:
+            if self.joining is not None:
+                self.joining.append(event)
+                return
+            await self.chat_message_in_sequence(event)
+            return
+        await self.send_frame(self._encode(event))
+
+    async def chat_message_in_sequence(self, event: dict) -> None:
+        offset, epoch = event["offset"], event["epoch"]
+        if epoch == self.epoch and offset <= self.last_offset:
+            # Replayed already (it was published while the member joined).
+            return
+        if epoch == self.epoch and offset == self.last_offset + 1:
+            self.epoch, self.last_offset = epoch, offset
+            await self.send_frame(self._encode(event))
+            return
+        # A gap or another epoch: the member would miss messages silently.
+        metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "out_of_sequence").inc()
+        logger.info(
+            "%s: got offset %s of epoch %s after %s of %s; closing with 4000 to resume",
+            self.group, offset, epoch, self.last_offset, self.epoch,
+        )
+        await self.close(code=close_codes.FELL_BEHIND)
+
+    def _encode(self, event: dict) -> str:
         cached, text = ChatConsumer._encoded
         if cached is not event:
             text = protocol.dumps(protocol.chat_delivery(event, served_by=settings.POD_NAME))
             ChatConsumer._encoded = (event, text)
+        return text
+
+    async def send_frame(self, text: str) -> None:
         self.sent.inc()
         await self.base_send({"type": "websocket.send", "text": text})
+
+    async def fanout_link_lost(self, message: dict) -> None:
+        """This replica lost Redis: the member would miss messages here, so it
+        is sent to resume on another replica (1012, service restart)."""
+        metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "redis_link").inc()
+        await self.close(code=close_codes.SERVICE_RESTART)
 
 
 class RejectConsumer(AsyncWebsocketConsumer):

@@ -29,48 +29,79 @@ half the bound.
 A handler must not wait on its client (a slow socket would hold up the whole
 replica); a Channels consumer's ``send`` does not: the replica's WebSocket
 protocol queues what the socket cannot take yet, up to its own bound.
+
+Room history (``realtime.history``): with ``ROOM_HISTORY_SIZE`` above zero a
+group message is appended to the group's history and published in one step,
+and every member gets it with its ``offset`` and ``epoch``; ``publish``
+returns that position and ``history_since`` what a member that resumes missed.
+
+The link to Redis is watched: each shard PINGs on its subscription
+connection, and when it has heard nothing for ``REDIS_LINK_TIMEOUT_SECONDS``
+(a network cut that drops packets sends no RST, so reads just wait) it calls
+the link lost: every member of a group on that shard gets
+``{"type": "fanout.link_lost"}`` out of band (the consumers close with 1012)
+and nothing after it, the replica reports not ready, and the shard replaces
+its subscription connection and resubscribes until Redis answers again.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 
 from channels_redis import pubsub
 from channels_redis.utils import _wrap_close
-
 from django.conf import settings
+from redis.exceptions import RedisError
 
-from realtime import metrics
+from realtime import history, metrics
 from realtime.replica import state
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict], Awaitable[None]]
 
+# What a channel-layer operation (any of the Redis layers) raises when Redis is
+# unreachable or too slow: the caller answers "unavailable". Anything else is
+# a bug, and must surface as one.
+LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
+
 # Below redis-py's default pool limit of 100 connections per shard, one of
 # which the shard's subscriptions hold.
 PUBLISHES_IN_FLIGHT = 50
 
-# What a member that missed a message is told, out of band.
+# What a member that missed a message, or may miss them, is told, out of band.
 SHED = {"type": "fanout.shed"}
+LINK_LOST = {"type": "fanout.link_lost"}
+# Pings per link timeout: a lost PONG or two is not yet a lost link.
+PINGS_PER_LINK_TIMEOUT = 5
 
 # Past capacity a replica delivers late: the messages wait in memory, and the
 # backlog gauge (read when scraped, free per message) shows it.
 _live_layers: weakref.WeakSet = weakref.WeakSet()
 metrics.FANOUT_BACKLOG.labels(metrics.REPLICA).set_function(lambda: sum(len(layer._pending) for layer in list(_live_layers)))
 FANOUT_SHED = metrics.FANOUT_SHED.labels(metrics.REPLICA)
+HISTORY_APPENDS = metrics.HISTORY_APPENDS.labels(metrics.REPLICA)
 
 
 class FanoutShard(pubsub.RedisSingleShardConnection):
-    """One Redis shard: publishes that run side by side, and a receiver that
-    hands messages for channels with a handler to the fan-out."""
+    """One Redis shard: publishes that run side by side, a receiver that
+    hands messages for channels with a handler to the fan-out, and a watch
+    on the subscription link."""
 
     def __init__(self, host, channel_layer):
         super().__init__(host, channel_layer)
         self._publishing = asyncio.Semaphore(PUBLISHES_IN_FLIGHT)
+        # Logged and reported by index: the host's address carries the password.
+        self.name = "redis shard"
+        self.link_up = True
+        self._heard = 0.0
+        # Set when redis-py reconnected the subscription connection by itself.
+        self._reconnected = False
+        self._watched = None  # the subscription connection whose reconnects are watched
 
     async def publish(self, channel, message):
         # channels_redis holds the shard's lock, which also guards subscribing,
@@ -81,7 +112,151 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
         # refuses, rather than waits, past its own limit).
         async with self._publishing:
             self._ensure_redis()
-            await self._redis.publish(channel, message)
+            # Bounded: on a cut link a write waits for TCP to give up, and the
+            # publisher must hear "unavailable" long before that.
+            await asyncio.wait_for(self._redis.publish(channel, message), settings.REDIS_LINK_TIMEOUT_SECONDS)
+
+    async def publish_with_history(self, group: str, channel: str, message: bytes) -> history.Position:
+        async with self._publishing:
+            self._ensure_redis()
+            position = await asyncio.wait_for(
+                history.publish(
+                    self._redis,
+                    self.channel_layer.prefix,
+                    group,
+                    channel,
+                    message,
+                    settings.ROOM_HISTORY_SIZE,
+                    settings.ROOM_HISTORY_TTL_SECONDS,
+                ),
+                settings.REDIS_LINK_TIMEOUT_SECONDS,
+            )
+        HISTORY_APPENDS.inc()
+        return position
+
+    async def keep_epochs(self, metas: list[str], ttl: int) -> None:
+        self._ensure_redis()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for meta in metas:
+                pipe.expire(meta, ttl)
+            await asyncio.wait_for(pipe.execute(), settings.REDIS_LINK_TIMEOUT_SECONDS)
+
+    async def read_history(self, read, group: str, *args):
+        self._ensure_redis()
+        return await asyncio.wait_for(
+            read(self._redis, self.channel_layer.prefix, group, settings.ROOM_HISTORY_TTL_SECONDS, *args),
+            settings.REDIS_LINK_TIMEOUT_SECONDS,
+        )
+
+    # --- the subscription link ----------------------------------------------
+
+    async def subscribe(self, channel):
+        await super().subscribe(channel)
+        self._watch_reconnects()
+
+    def _watch_reconnects(self) -> None:
+        """redis-py reconnects a broken subscription connection and resubscribes
+        by itself. Whatever was published meanwhile never reached this replica,
+        and a resubscribe that raced another subscribe was seen to lose a group
+        for good. So a reconnect counts as a lost link (members resume, and a
+        new connection subscribes everything under the shard's lock)."""
+        connection = self._pubsub.connection if self._pubsub is not None else None
+        if connection is not None and connection is not self._watched:
+            connection.register_connect_callback(self._on_reconnect)
+            self._watched = connection
+
+    def _on_reconnect(self, connection) -> None:
+        if connection is self._watched:
+            self._reconnected = True
+
+    async def _do_receiving(self):
+        """channels_redis' receive loop, with a link watch: what breaks the
+        subscription connection, or silences it, gets a new one."""
+        loop = asyncio.get_running_loop()
+        self._heard = loop.time()
+        pinging = asyncio.ensure_future(self._ping())
+        try:
+            while True:
+                if self._reconnected:
+                    await self._relink("redis-py reconnected the subscription connection")
+                    continue
+                if not (self._pubsub and self._pubsub.subscribed):
+                    self._heard = loop.time()
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception as error:
+                    await self._relink(f"{type(error).__name__}: {error}")
+                    continue
+                if message is not None:
+                    self._heard = loop.time()
+                    if message["type"] != "pong":
+                        self._receive_message(message)
+                elif loop.time() - self._heard > settings.REDIS_LINK_TIMEOUT_SECONDS:
+                    await self._relink(f"no answer from Redis for {settings.REDIS_LINK_TIMEOUT_SECONDS:g} s")
+        finally:
+            pinging.cancel()
+
+    async def _ping(self):
+        while True:
+            await asyncio.sleep(settings.REDIS_LINK_TIMEOUT_SECONDS / PINGS_PER_LINK_TIMEOUT)
+            pubsub_connection = self._pubsub
+            if self.link_up and pubsub_connection is not None and pubsub_connection.subscribed:
+                try:
+                    # The PONG arrives through the receive loop, as messages do.
+                    await asyncio.wait_for(pubsub_connection.ping(), 1)
+                except Exception as error:  # the receive loop sees the same fault
+                    logger.debug("link ping failed: %r", error)
+
+    async def _relink(self, why: str) -> None:
+        if self.link_up:
+            self.link_up = False
+            logger.warning("lost the Redis subscription link of %s (%s): closing its members with 1012", self.name, why)
+            state.redis_links_down.add(self.name)
+            self.channel_layer.link_lost(self)
+        delay = 0.1
+        while True:
+            try:
+                await self._resubscribe()
+                break
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as error:
+                logger.debug("resubscribing to %s failed: %r", self.name, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._heard = asyncio.get_running_loop().time()
+        self.link_up = True
+        state.redis_links_down.discard(self.name)
+        logger.warning("the Redis subscription link of %s is back: resubscribed", self.name)
+
+    async def _resubscribe(self) -> None:
+        """A new subscription connection, with every channel of the old one.
+
+        The old one is dropped, not reused: after a cut its parser state is
+        unknown (reused, it once spun at full CPU reading a dead socket).
+        """
+        async with self._lock:
+            self._ensure_redis()
+            old, self._pubsub = self._pubsub, self._redis.pubsub()
+            if self._watched is not None:
+                # Back in the pool it serves publishes, whose reconnects are no concern here.
+                self._watched.deregister_connect_callback(self._on_reconnect)
+                self._watched = None
+            self._reconnected = False
+            if old is not None:
+                try:
+                    await asyncio.wait_for(old.aclose(), 1)
+                except Exception as error:
+                    logger.debug("closing the old subscription connection: %r", error)
+            if self._subscribed_to:
+                await asyncio.wait_for(
+                    self._pubsub.subscribe(*self._subscribed_to), settings.REDIS_LINK_TIMEOUT_SECONDS
+                )
+                self._watch_reconnects()
 
     def _receive_message(self, message):
         if message is None:
@@ -104,7 +279,9 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
             if handler is not None:
                 attached.append(handler)
             elif channel in layer.channels:
-                layer.channels[channel].put_nowait(message["data"])
+                # A stock consumer's receive decodes the payload alone.
+                envelope = history.open_envelope(message["data"])
+                layer.channels[channel].put_nowait(envelope[2] if envelope else message["data"])
         if attached:
             layer.fan_out(attached, message["data"])
 
@@ -115,28 +292,130 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._shards = [FanoutShard(shard.host, self) for shard in self._shards]
+        for index, shard in enumerate(self._shards):
+            shard.name = f"redis shard {index}"
         self.handlers: dict[str, Handler] = {}
         self._pending: collections.deque[tuple[list[Handler], bytes]] = collections.deque()
         self._pending_bytes = 0
         # Handlers that missed a message: they get nothing after it.
         self._cut: set[Handler] = set()
         self._fan_out_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self._epochs_task: asyncio.Task | None = None
         _live_layers.add(self)
 
     async def new_channel(self, prefix="specific.", handler: Handler | None = None):
         """A channel of this process; with ``handler``, every message for it is
-        delivered by awaiting ``handler(message)`` instead of through ``receive``."""
-        channel = await super().new_channel(prefix)
-        if handler is not None:
-            self.handlers[channel] = handler
+        delivered by awaiting ``handler(message)`` instead of through ``receive``.
+
+        A channel with a handler is subscribed in the background: a socket's
+        handshake does not wait for a Redis round trip (nor hang while the
+        link to Redis is down), and a message sent to it from another process
+        reaches it once the subscription is in place.
+        """
+        if handler is None:
+            return await super().new_channel(prefix)
+        channel = f"{self.prefix}{prefix}{uuid.uuid4().hex}"
+        self.handlers[channel] = handler
+        self._in_background(self._get_shard(channel).subscribe(channel), "subscribe")
         return channel
 
     async def release(self, channel: str) -> None:
-        """Forget a channel made with a handler (what ``receive`` does when its consumer is cancelled)."""
+        """Forget a channel: made with a handler, or one whose ``receive`` is done with."""
         handler = self.handlers.pop(channel, None)
-        self._cut.discard(handler)
-        if self.channels.pop(channel, None) is not None:
+        if handler is not None:
+            self._cut.discard(handler)
+            # After its subscribe: the shard's lock serves them in order.
+            self._in_background(self._get_shard(channel).unsubscribe(channel), "unsubscribe")
+        elif self.channels.pop(channel, None) is not None:
             await self._get_shard(channel).unsubscribe(channel)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        if channel not in self.handlers:
+            await super().group_add(group, channel)
+            return
+        # The stock check wants the channel among those read with receive.
+        group_channel = self._get_group_channel_name(group)
+        self.groups.setdefault(group_channel, set()).add(channel)
+        if self._epochs_task is None or self._epochs_task.done():
+            self._epochs_task = asyncio.ensure_future(self._keep_epochs())
+        await self._get_shard(group_channel).subscribe(group_channel)
+
+    async def _keep_epochs(self) -> None:
+        """A room's epoch lives ROOM_HISTORY_TTL_SECONDS after its last publish
+        or join, so a quiet room with members here would lose it, and its next
+        message, in a new epoch, would send every member to resume and be told
+        ``recovered: false`` for nothing. Refreshed every third of the TTL."""
+        group_prefix = len(self._get_group_channel_name(""))
+        while self.groups:
+            ttl = settings.ROOM_HISTORY_TTL_SECONDS
+            await asyncio.sleep(max(ttl / 3, 1.0))
+            if settings.ROOM_HISTORY_SIZE <= 0 or ttl <= 0:
+                continue
+            metas: dict[FanoutShard, list[str]] = collections.defaultdict(list)
+            for group_channel, members in list(self.groups.items()):
+                if any(channel in self.handlers for channel in members):
+                    meta = history.keys(self.prefix, group_channel[group_prefix:])[1]
+                    metas[self._get_shard(group_channel)].append(meta)
+            for shard, keys in metas.items():
+                try:
+                    await shard.keep_epochs(keys, ttl)
+                except Exception as error:  # the next round tries again; a lost epoch is reported anyway
+                    logger.warning("could not refresh the epochs of %d rooms: %r", len(keys), error)
+
+    def _in_background(self, operation: Awaitable, what: str) -> None:
+        def report(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("background %s failed: %r", what, task.exception())
+
+        task = asyncio.ensure_future(operation)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(report)
+
+    async def publish(self, group: str, message: dict) -> history.Position | None:
+        """group_send that returns the message's position in the room's history (None: no history)."""
+        channel = self._get_group_channel_name(group)
+        shard = self._get_shard(channel)
+        data = self.channel_layer.serialize(message)
+        if settings.ROOM_HISTORY_SIZE <= 0:
+            await shard.publish(channel, data)
+            return None
+        return await shard.publish_with_history(group, channel, data)
+
+    async def group_send(self, group: str, message: dict) -> None:
+        await self.publish(group, message)
+
+    async def history_position(self, group: str) -> history.Position:
+        return await self._history_shard(group).read_history(history.position, group)
+
+    async def history_since(self, group: str, resume: history.Position) -> tuple[history.Recovery, list[dict]]:
+        """What a member at ``resume`` missed, decoded: each message carries its offset and epoch."""
+        recovery = await self._history_shard(group).read_history(history.since, group, resume)
+        deserialize = self.channel_layer.deserialize
+        messages = [
+            {**deserialize(data), "offset": offset, "epoch": recovery.position.epoch}
+            for offset, data in recovery.messages
+        ]
+        return recovery, messages
+
+    def _history_shard(self, group: str) -> FanoutShard:
+        # The history lives on the shard that carries the group's messages.
+        return self._get_shard(self._get_group_channel_name(group))
+
+    def link_lost(self, shard: FanoutShard) -> None:
+        """Members of groups on ``shard`` may miss messages from now on: tell them, and cut them."""
+        told = 0
+        for group_channel, members in self.groups.items():
+            if self._get_shard(group_channel) is not shard:
+                continue
+            for channel in members:
+                handler = self.handlers.get(channel)
+                if handler is not None and handler not in self._cut:
+                    self._cut.add(handler)
+                    asyncio.ensure_future(handler(LINK_LOST))
+                    told += 1
+        logger.warning("told %d members that the link to Redis is lost", told)
 
     def fan_out(self, handlers: list[Handler], data: bytes) -> None:
         if self._pending_bytes + len(data) > settings.FANOUT_MAX_BACKLOG_BYTES:
@@ -176,8 +455,14 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
                 logger.warning("fan-out backlog back under half its bound: ready again")
                 state.overloaded = False
             try:
+                envelope = history.open_envelope(data)
                 # One decoded message shared by every member: handlers must not change it.
-                message = deserialize(data)
+                if envelope is None:
+                    message = deserialize(data)
+                else:
+                    offset, epoch, payload = envelope
+                    message = deserialize(payload)
+                    message["offset"], message["epoch"] = offset, epoch
             except Exception:
                 logger.exception("a message from Redis could not be decoded; dropped")
                 continue
@@ -190,6 +475,9 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
                     logger.exception("fan-out handler %r failed; delivery goes on to the others", handler)
 
     async def flush(self):
+        if self._epochs_task is not None:
+            self._epochs_task.cancel()
+            self._epochs_task = None
         if self._fan_out_task is not None:
             self._fan_out_task.cancel()
             self._fan_out_task = None
@@ -205,6 +493,15 @@ class FanoutChannelLayer(pubsub.RedisPubSubChannelLayer):
 
     async def release(self, channel: str) -> None:
         await self._get_layer().release(channel)
+
+    async def publish(self, group: str, message: dict) -> history.Position | None:
+        return await self._get_layer().publish(group, message)
+
+    async def history_position(self, group: str) -> history.Position:
+        return await self._get_layer().history_position(group)
+
+    async def history_since(self, group: str, resume: history.Position):
+        return await self._get_layer().history_since(group, resume)
 
     def _get_layer(self):
         loop = asyncio.get_running_loop()

@@ -80,11 +80,25 @@ OVERLOADED = Gauge(
     ["replica"],
     multiprocess_mode="max",
 )
+HISTORY_APPENDS = Counter("blueprint_history_appends", "Messages appended to a room's history (and published)", ["replica"])
+HISTORY_RESUMES = Counter(
+    "blueprint_history_resumes",
+    "Members that resumed from a position: recovered (got every message they missed) or not (told recovered: false)",
+    ["replica", "recovered"],
+)
+HISTORY_REPLAYED = Counter("blueprint_history_replayed_messages", "Messages replayed from history to members that resumed", ["replica"])
+REDIS_LINK_UP = Gauge(
+    "blueprint_redis_link_up",
+    "1 while every Redis subscription link of the replica answers; 0 while one is lost (members closed with 1012)",
+    ["replica"],
+    multiprocess_mode="min",
+)
 DRAINING = Gauge("blueprint_replica_draining", "1 while the replica drains", ["replica"], multiprocess_mode="max")
 BROADCASTS = Counter("blueprint_http_broadcasts", "HTTP broadcast API calls, by status code", ["replica", "status"])
 # Read when scraped: free on the paths that change them.
 PENDING_BYTES.labels(REPLICA).set_function(lambda: state.pending_bytes)
 OVERLOADED.labels(REPLICA).set_function(lambda: float(state.overloaded))
+REDIS_LINK_UP.labels(REPLICA).set_function(lambda: float(not state.redis_links_down))
 
 
 @require_GET

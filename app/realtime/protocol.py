@@ -9,6 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 ROOM_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Fields a publisher may attach to a chat message; they travel unchanged.
@@ -23,6 +24,7 @@ MAX_JSON_DEPTH = 32
 # Beyond them an id silently changes on the way to other members, and past
 # 2**64 msgpack cannot pack the event at all.
 MAX_SAFE_INTEGER = 2**53 - 1
+SAFE_INTEGER_DIGITS = len(str(MAX_SAFE_INTEGER))
 
 
 @dataclass
@@ -60,7 +62,7 @@ def decode_text_frame(text_data: str | None, bytes_data: bytes | None, max_bytes
     if len(text_data) * 4 > max_bytes and len(text_data.encode("utf-8", "surrogatepass")) > max_bytes:
         raise FrameError("too_large", f"frame is over the {max_bytes}-byte limit")
     try:
-        payload = json.loads(text_data)
+        payload = json.loads(text_data, parse_int=_parse_int)
     except ValueError as error:
         raise FrameError("bad_json", f"frame is not valid JSON: {error}") from None
     except RecursionError:
@@ -71,6 +73,23 @@ def decode_text_frame(text_data: str | None, bytes_data: bytes | None, max_bytes
         raise FrameError("bad_json", f"frame must be a JSON object, got {type(payload).__name__}")
     check_portable(payload)
     return payload
+
+
+def _unsafe_integer() -> FrameError:
+    return FrameError(
+        "bad_schema",
+        f"integers must be within plus or minus {MAX_SAFE_INTEGER} (2**53 - 1), the range "
+        "browsers keep exactly: send larger numbers, such as ids, as strings",
+    )
+
+
+def _parse_int(digits: str) -> int:
+    # More digits than any safe integer has: refused before Python converts
+    # it, which is slow for thousands of digits and, past 4300, refused as if
+    # the JSON were invalid.
+    if len(digits) > SAFE_INTEGER_DIGITS + digits.startswith("-"):
+        raise _unsafe_integer()
+    return int(digits)
 
 
 def check_portable(payload: dict) -> None:
@@ -107,11 +126,7 @@ def check_portable(payload: dict) -> None:
                 _check_text(value)
             elif kind is int:
                 if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-                    raise FrameError(
-                        "bad_schema",
-                        f"integers must be within plus or minus {MAX_SAFE_INTEGER} (2**53 - 1), the range "
-                        "browsers keep exactly: send larger numbers, such as ids, as strings",
-                    )
+                    raise _unsafe_integer()
             elif kind is dict or kind is list:
                 stack.append((value, depth + 1))
             elif kind is float and not math.isfinite(value):
@@ -154,6 +169,11 @@ def chat_event(payload: dict, origin: str) -> dict:
     return event
 
 
+# Fields the fan-out layer's room history adds to a delivery.
+POSITION_FIELDS = ("offset", "epoch")
+EPOCH_PATTERN = re.compile(r"[0-9a-f]{1,32}")
+
+
 def chat_delivery(event: dict, served_by: str) -> dict:
     """The frame a room member receives for a chat event."""
     frame = {"type": "chat.message", "message": event["message"]}
@@ -162,11 +182,32 @@ def chat_delivery(event: dict, served_by: str) -> dict:
             frame[field] = event[field]
     frame["origin"] = event["origin"]
     frame["served_by"] = served_by
+    for field in POSITION_FIELDS:
+        if field in event:
+            frame[field] = event[field]
     return frame
 
 
-def welcome(room: str, pod: str) -> dict:
-    return {"type": "welcome", "room": room, "pod": pod}
+def resume_position(query_string: bytes) -> tuple[str, int] | None:
+    """The ``(epoch, offset)`` a reconnecting member resumes from: ``?epoch=E&offset=N``."""
+    query = parse_qs(query_string.decode("latin-1"))
+    if "offset" not in query and "epoch" not in query:
+        return None
+    epoch, offset = query.get("epoch", [""])[0], query.get("offset", [""])[0]
+    if not EPOCH_PATTERN.fullmatch(epoch) or not offset.isdigit() or len(offset) > 15:
+        raise FrameError(
+            "bad_schema", "resume with ?epoch=<the epoch>&offset=<the last offset> of a message received; joined live"
+        )
+    return epoch, int(offset)
+
+
+def welcome(room: str, pod: str, **position) -> dict:
+    """The first frame of a chat socket; with room history, where the room is
+    (``epoch``, ``offset``), and for a member that resumed, whether it got
+    everything it missed (``recovered``) and how many messages were replayed."""
+    frame = {"type": "welcome", "room": room, "pod": pod}
+    frame.update((name, value) for name, value in position.items() if value is not None)
+    return frame
 
 
 def error_frame(error: FrameError) -> dict:

@@ -15,7 +15,8 @@ Now one check at a time runs per process, and its result is reused:
   the check, which READYZ_TIMEOUT_SECONDS bounds. No answer comes from a check
   that ended more than READYZ_CACHE_SECONDS + READYZ_TIMEOUT_SECONDS ago.
 
-Draining and overload are read at request time: they need no check.
+Draining, overload and a lost Redis subscription link are read at request
+time: they need no check.
 
 Under Daphne the check is a task on the server's own loop, so it goes through
 the connections the consumers use. gunicorn's sync workers have no loop: one
@@ -99,6 +100,8 @@ class Readiness:
             return "draining"
         if state.overloaded:
             return "overloaded"
+        if state.redis_links_down:
+            return "lost the Redis subscription link"
         return ""
 
     def _cached(self) -> tuple[Result | None, bool]:

@@ -1,4 +1,4 @@
-"""What this process knows about itself as a replica: draining, overloaded, open sockets.
+"""What this process knows about itself as a replica: draining, overloaded, its Redis link, open sockets.
 
 One Daphne process is one replica; this state is per process, read by
 /readyz, the consumers and /metrics.
@@ -19,6 +19,8 @@ class ReplicaState:
         self.open_sockets = 0
         # Bytes queued for clients that are not reading them, over all sockets.
         self.pending_bytes = 0
+        # Redis shards whose subscription link is lost: not ready while any is.
+        self.redis_links_down: set[str] = set()
 
     def start_draining(self) -> None:
         # Imported here: the drain server imports this module before Django is set up.

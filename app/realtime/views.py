@@ -1,7 +1,6 @@
 """HTTP side: the chat page, health and readiness, and the broadcast API."""
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 
@@ -13,9 +12,9 @@ from django.http import Http404, HttpRequest, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
-from redis.exceptions import RedisError
 
 from realtime import metrics, protocol
+from realtime.layers import LAYER_ERRORS, FanoutChannelLayer
 from realtime.protocol import FrameError
 from realtime.readiness import readiness
 
@@ -81,11 +80,6 @@ def _error(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse({"status": "error", "code": code, "detail": detail}, status=status)
 
 
-# What a failed publish can raise when Redis is unreachable. Anything else is
-# a bug and must surface as one, not be counted as a Redis outage.
-LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
-
-
 @csrf_exempt  # a token-authenticated API for servers, not a browser form
 def broadcast(request: HttpRequest, room: str):
     """Publish to a room from the HTTP side; reaches members on every replica.
@@ -121,10 +115,22 @@ def broadcast(request: HttpRequest, room: str):
     except FrameError as error:
         return _error(400, error.code, error.detail)
     try:
-        async_to_sync(get_channel_layer().group_send)(protocol.group_name(room), event)
+        position = async_to_sync(_publish)(protocol.group_name(room), event)
     except LAYER_ERRORS as error:
         metrics.LAYER_ERRORS.labels(metrics.REPLICA, "group_send").inc()
         logger.warning("broadcast to %s failed: %r", room, error)
         return _error(503, "unavailable", "the channel layer is unreachable; nothing was published")
     metrics.BROADCASTS.labels(metrics.REPLICA, "202").inc()
-    return JsonResponse({"status": "accepted", "room": room, "origin": settings.POD_NAME}, status=202)
+    body = {"status": "accepted", "room": room, "origin": settings.POD_NAME}
+    if position is not None:
+        # Where the message is in the room's history: what members see as its offset.
+        body.update(epoch=position.epoch, offset=position.offset)
+    return JsonResponse(body, status=202)
+
+
+async def _publish(group: str, event: dict):
+    layer = get_channel_layer()
+    if isinstance(layer, FanoutChannelLayer):
+        return await layer.publish(group, event)
+    await layer.group_send(group, event)
+    return None

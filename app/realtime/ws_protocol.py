@@ -22,6 +22,7 @@ import collections
 import logging
 
 from autobahn.websocket.protocol import PreparedMessage
+from autobahn.websocket.types import ConnectionDeny
 from daphne.ws_protocol import WebSocketProtocol
 from django.conf import settings
 from twisted.internet import tcp
@@ -102,6 +103,16 @@ class ServerCloseProtocol(WebSocketProtocol):
             self.sendCloseFrame(code=code, isReply=False)
         else:
             super().serverClose(code)
+
+    def serverReject(self):
+        # A handshake refused because the replica cannot serve (it lost Redis)
+        # answers 503, which nginx retries on another replica, not 403.
+        if state.redis_links_down:
+            self.handshake_deferred.errback(ConnectionDeny(code=503, reason="Service Unavailable"))
+            del self.handshake_deferred
+            self.server.protocol_disconnected(self)
+            return
+        super().serverReject()
 
     def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
         # Nothing may follow a close frame, so what is queued will never be sent.

@@ -26,6 +26,14 @@ CONFIGURATIONS = [
     Configuration("daphne-redis", "Daphne + RedisChannelLayer (the Channels docs' default)", "redis"),
     Configuration("daphne-pubsub", "Daphne + RedisPubSubChannelLayer", "redis-pubsub"),
     Configuration("daphne-fanout", "Daphne + the blueprint's fan-out layer (realtime.layers), the default", "redis-fanout"),
+    # The cost of the delivery guarantees: the default without room history
+    # (every publish then a plain PUBLISH, no offsets, no resume).
+    Configuration(
+        "daphne-fanout-nohistory",
+        "the default without room history (ROOM_HISTORY_SIZE=0)",
+        "redis-fanout",
+        env={"ROOM_HISTORY_SIZE": "0"},
+    ),
     Configuration(BASELINE, "raw baseline: websockets + redis.asyncio pub/sub, no Channels", replica_command=raw_replica),
 ]
 

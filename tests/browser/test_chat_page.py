@@ -58,3 +58,28 @@ def test_two_tabs_on_different_replicas_see_each_others_messages(local_stack, br
     expect(first.locator("#log li")).to_have_count(2)
     expect(second.locator("#log li")).to_have_count(2)
     context.close()
+
+
+def test_a_tab_whose_replica_dies_resumes_and_shows_what_it_missed(local_stack, browser):  # noqa: F811
+    away, staying = browser.new_context(), browser.new_context()
+    first, first_pod = open_room(away, local_stack.url)
+    second, _ = open_room(staying, local_stack.url)
+    say(second, "before")
+    expect(first.locator("#log li").last).to_contain_text("before")
+
+    # The first tab's replica dies and the tab cannot reconnect (offline)
+    # while the room goes on; back online, it resumes on another replica.
+    away.set_offline(True)
+    local_stack.kill_replica(first_pod)
+    expect(first.locator("#status")).not_to_have_attribute("data-state", "open")
+    say(second, "while you were away")
+    expect(second.locator("#log li").last).to_contain_text("while you were away")
+    away.set_offline(False)
+    expect(first.locator("#status")).to_have_attribute("data-state", "open", timeout=20_000)
+    expect(first.locator("#log")).to_contain_text("recovered 1 missed message")
+    expect(first.locator("#log li").last).to_contain_text("while you were away")
+    texts = first.locator("#log li").all_inner_texts()
+    assert sum("while you were away" in text for text in texts) == 1, texts
+    assert sum(text.startswith("before") for text in texts) == 1, texts
+    away.close()
+    staying.close()

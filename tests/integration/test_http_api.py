@@ -1,5 +1,6 @@
 """The HTTP side against a real Redis: broadcast reaches sockets, refuses bad bodies, readiness follows Redis."""
 import asyncio
+import json
 import threading
 import time
 
@@ -68,6 +69,19 @@ async def test_broadcast_reaches_a_websocket_member_through_redis(redis_layer):
     assert frame["message"] == "from http" and frame["id"] == "h-1"
     assert frame["origin"] == "pod-test" and frame["served_by"] == "pod-test"
     await member.disconnect()
+
+
+async def test_the_202_says_where_the_message_is_in_the_rooms_history(redis_server, settings):
+    """On the fan-out layer the answer carries the offset and epoch members see."""
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "realtime.layers.FanoutChannelLayer", "CONFIG": {"hosts": [redis_server.url]}}
+    }
+    member = await join("positions")
+    answers = [json.loads((await sync_to_async(post)("positions", f'{{"message": "{n}"}}', **AUTH)).content) for n in range(3)]
+    frames = [await member.receive_json_from(timeout=5) for _ in range(3)]
+    await member.disconnect()
+    assert [(a["epoch"], a["offset"]) for a in answers] == [(f["epoch"], f["offset"]) for f in frames]
+    assert [a["offset"] for a in answers] == [frames[0]["offset"] + n for n in range(3)]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,7 @@
 """The whole scaled topology on one machine: fan-out across every pair of replicas through nginx."""
+import asyncio
+import signal
+
 import pytest
 
 from loadtest.fanout_check import run_fanout_check
@@ -41,3 +44,44 @@ async def test_the_check_fails_when_replicas_do_not_share_a_channel_layer():
     assert any("never got daphne-1's message" in problem for problem in report.problems), report.problems
     assert "no delivery from daphne-1 to a socket on daphne-2" in report.problems
     assert "verdict: FAIL" in report.render()
+
+
+async def test_members_resume_through_a_killed_and_restarted_replica_and_get_every_message_once(local_stack):  # noqa: F811
+    # kill -9 of a replica while a round is being published and delivered, and
+    # two other members losing their sockets to the network: every member keeps
+    # its identity, resumes, and the check still passes, each message once.
+    stack, victim = local_stack, "daphne-2"
+    chaos = {}
+
+    async def before_round(number, members):
+        if number == 2:
+            async def kill():
+                await asyncio.sleep(0.05)  # after this round's publishes are on their way
+                await asyncio.to_thread(stack.kill_replica, victim, signal.SIGKILL)
+
+            chaos["kill"] = asyncio.ensure_future(kill())
+        elif number == 3:
+            await chaos["kill"]
+            bystanders = [m for m in members if m.welcomes[0].pod != victim and m.connected][:2]
+            chaos["dropped"] = bystanders
+            for member in bystanders:
+                await member.drop()
+            await asyncio.to_thread(stack.start_replica, victim)
+
+    report = await run_fanout_check(
+        stack.url, rooms=3, clients_per_room=6, expect_replicas=3, broadcast_token=stack.broadcast_token,
+        rounds=4, round_interval=0.3, before_round=before_round,
+    )
+    print(report.render())
+    assert report.ok, report.render()
+    moved = [r for r in report.reconnects if r.lost.pod == victim]
+    # Every member of the killed replica came back on another one, with nothing missed.
+    assert len(moved) == report.sockets[victim] > 0, report.render()
+    assert all(r.welcome.pod != victim for r in moved)
+    assert len(report.reconnects) == len(moved) + 2, report.render()
+    assert all(r.lost.code == 1006 for r in report.reconnects)  # no close frame from a dead replica, nor a cut
+    assert all(r.welcome.recovered is True for r in report.reconnects), report.render()
+    assert report.unrecovered_resumes == report.told_missing == 0
+    for member in chaos["dropped"]:
+        assert len(member.welcomes) == 2 and member.connected is False  # stopped at the end of the check
+    assert f"through {len(report.reconnects)} reconnects" in report.render()

@@ -8,8 +8,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,33 @@ def test_a_fanout_run_passes_with_every_replica_and_every_cross_replica_pair(sta
     # The report embeds its stats as JSON, where ">" may be written \u003e.
     assert "daphne-1->daphne-2" in html.replace("\\u003e", ">")
     assert "daphne-3->daphne-1" in (tmp_path / "fanout_stats.csv").read_text()
+
+
+def test_a_replica_drained_mid_run_passes_its_members_resume_with_no_duplicate(stack, tmp_path):
+    # The replica's members are closed with 1001, come back through nginx to
+    # the others and resume from their last offset: nothing lost, nothing twice.
+    victim = "daphne-2"
+
+    def drain_and_restart():
+        time.sleep(5)  # every user joined (18 at 9/s) and published for a while
+        stack.kill_replica(victim, signal.SIGTERM)
+        stack.start_replica(victim)
+
+    chaos = threading.Thread(target=drain_and_restart)
+    chaos.start()
+    try:
+        code, verdict, output = run_locust(stack.url, tmp_path, "--min-replicas", "3")
+    finally:
+        chaos.join()
+
+    assert (code, verdict["status"]) == (0, "PASS"), output
+    assert verdict["lost"] == 0 and verdict["duplicates"] == 0, output
+    assert "duplicate deliveries" in [check["name"] for check in verdict["checks"]]
+    assert verdict["reconnects"] > 0 and list(verdict["reconnect_codes"]) == ["1001"], output
+    assert verdict["resumes_recovered"] == verdict["reconnects"] and verdict["resumes_not_recovered"] == 0, output
+    assert f"reconnects: {verdict['reconnects']} (after close code 1001: {verdict['reconnects']})" in output
+    # The drained replica's sockets were dropped without a failure: a resume is not an error.
+    assert "other request failures" not in failed_checks(verdict)
 
 
 def test_an_impossible_threshold_fails_a_distributed_run(stack, tmp_path):

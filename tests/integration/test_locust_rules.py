@@ -1,15 +1,31 @@
 """The load test's bookkeeping and verdict rules, without locust or sockets.
 
 These modules import neither locust nor gevent, so they run in plain pytest;
-the end-to-end proof against real replicas is in test_locust_fanout.py.
+the end-to-end proof against real replicas is in test_locust_fanout.py (and,
+for the fan-out check's tally, test_local_stack.py).
 """
 from __future__ import annotations
 
 import pytest
 
 from loadtest.delivery import DeliveryTracker, NotDelivered
+from loadtest.fanout_check import FanoutReport, Message, tally
+from loadtest.room_member import Chat, Close, Position, Reconnect, RoomMember, Welcome
 from loadtest.summary import render
-from loadtest.thresholds import FANOUT, HTTP_FANOUT, Row, Thresholds, judge, percentile
+from loadtest.thresholds import (
+    DUPLICATE,
+    FANOUT,
+    HTTP_FANOUT,
+    NOT_RECOVERED,
+    RECONNECT,
+    RECOVERED,
+    RESUME,
+    Row,
+    Thresholds,
+    judge,
+    percentile,
+    reconnect_name,
+)
 
 RULES = Thresholds(min_delivery_ratio=0.999, max_p99_ms=1000, min_replicas=3, min_cross_pairs=None, max_cpu_percent=90)
 REPLICAS = ["daphne-1", "daphne-2", "daphne-3"]
@@ -139,3 +155,68 @@ def test_percentile_is_the_smallest_time_covering_the_share():
     assert percentile({10: 98, 500: 2}, 0.99) == 500
     assert percentile({10: 99, 500: 1}, 0.99) == 10
     assert percentile({}, 0.5) is None
+
+
+def test_reconnects_and_resumes_are_counted_and_a_duplicate_fails_the_run():
+    rows = deliveries(EVERY_PAIR) + [
+        Row(RECONNECT, reconnect_name(1001), 5, 0, {120: 5}),
+        Row(RECONNECT, reconnect_name(1006), 1, 0, {900: 1}),
+        Row(RESUME, RECOVERED, 5, 0, {0: 5}),
+        Row(RESUME, NOT_RECOVERED, 1, 0, {0: 1}),
+    ]
+    verdict = judge(rows, RULES, expects_fanout=True, cpu_peaks={}, cpu_warned=False)
+
+    # Coming back is not a failure; a resume that was not recovered is said, and its losses count as lost.
+    assert verdict.status == "PASS"
+    assert (verdict.reconnects, verdict.reconnect_codes) == (6, {"1001": 5, "1006": 1})
+    assert (verdict.resumes_recovered, verdict.resumes_not_recovered, verdict.duplicates) == (5, 1, 0)
+    text = render(verdict)
+    assert "note: reconnects: 6 (after close code 1001: 5, 1006: 1); resumes: 5 recovered, 1 not recovered;" in text
+    assert "1 resumes were not recovered" in text
+
+    rows.append(Row(DUPLICATE, "daphne-1->daphne-2", 2, 2, {0: 2}))
+    verdict = judge(rows, RULES, expects_fanout=True, cpu_peaks={}, cpu_warned=False)
+    assert verdict.status == "FAIL" and verdict.duplicates == 2
+    # Judged once, by its own check, not again as an "other" failure.
+    assert [check.name for check in verdict.checks if not check.ok] == ["duplicate deliveries"]
+
+
+def chat(number, pod, connection, replayed=False):
+    return Chat(2.0, connection, pod, replayed, {
+        "type": "chat.message", "message": f"text {number}", "id": f"m{number}", "sent_at": 1000.0,
+        "origin": "daphne-1", "served_by": pod, "epoch": "e1", "offset": number,
+    })
+
+
+def test_the_fanout_tally_counts_each_message_once_per_member_and_names_what_a_member_was_told_it_missed():
+    messages = [Message(f"m{number}", "room", f"text {number}", "daphne-1", 1000.0) for number in (1, 2, 3)]
+    steady = RoomMember("http://127.0.0.1:1", "room")
+    steady.welcomes = [Welcome(1.0, 0, "daphne-1", "e1", 0, None, 0, None)]
+    steady.chats = [chat(number, "daphne-1", 0) for number in (1, 2, 3)]
+    # Lost its socket on daphne-2 after offset 1; resumed on daphne-1, whose
+    # history no longer held offset 2: recovered false, offset 3 replayed.
+    moved = RoomMember("http://127.0.0.1:1", "room")
+    moved.welcomes = [
+        Welcome(1.0, 0, "daphne-2", "e1", 0, None, 0, None),
+        Welcome(3.0, 1, "daphne-1", "e1", 3, False, 1, Position("e1", 1)),
+    ]
+    moved.chats = [chat(1, "daphne-2", 0), chat(3, "daphne-1", 1, replayed=True)]
+    moved.reconnects = [Reconnect(Close(2.5, 0, "daphne-2", 1006, ""), moved.welcomes[1], 2)]
+    report = FanoutReport("http://127.0.0.1:1", 1, 2, 2)
+    tally(report, [steady, moved], {"room": messages})
+
+    assert report.problems == [
+        "member of room on daphne-2 then daphne-1 was told missing daphne-1's message: resumed on daphne-1"
+        " with recovered false (history did not cover the gap)"
+    ]
+    assert (report.told_missing, report.unrecovered_resumes, len(report.reconnects)) == (1, 1, 1)
+    text = report.render()
+    assert "verdict: FAIL - 1 problem(s) (1 of them messages members were told they may have missed" in text
+    assert "reconnects: 1 (close codes: 1006 x1); resumed 0 recovered (1 messages replayed), 1 not recovered" in text
+
+    # The same message twice is a failure, however it came (live, then replayed).
+    steady.chats.append(chat(2, "daphne-1", 0, replayed=True))
+    report = FanoutReport("http://127.0.0.1:1", 1, 2, 2)
+    tally(report, [steady], {"room": messages})
+    assert report.problems == ["member of room on daphne-1 got daphne-1's message 2 times"]
+    assert report.matrix == {("daphne-1", "daphne-1"): 4}

@@ -1,0 +1,130 @@
+"""Room history in Redis: what a member that reconnects missed, and whether it can have it.
+
+Every publish to a room is appended to the room's history and published in
+one step (a Lua script: ``XADD`` + ``PUBLISH``), so history order is delivery
+order on every replica, and a message is never delivered without being in
+history, nor in history without being published.
+
+A room's position is ``(epoch, offset)``. Offsets count the room's messages
+from 1, with no gaps, so a member that holds offset N and sees N + 2 knows it
+missed N + 1. The epoch names one unbroken history: it changes whenever the
+history may have been lost, so an offset is only comparable within its epoch:
+
+* the history expired (no publish for ``ROOM_HISTORY_TTL_SECONDS``) or was
+  evicted, or Redis restarted without persistence: the meta hash is gone and
+  the next publish starts a new epoch;
+* a Sentinel failover: the new master has a new replication ID, which the
+  script compares with the one the epoch was started under. A replica may
+  not have received the last writes, so the history it holds is not trusted.
+
+The stream keeps at most ``ROOM_HISTORY_SIZE`` entries (exact trim) and, with
+a TTL, the history is forgotten that long after the room's last publish; the
+epoch lives as long after the room's last publish or join.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+# Every script starts here. KEYS[1] the stream, KEYS[2] its meta hash (epoch,
+# replid, offset); ARGV[1] the epoch to start if a new one is needed, ARGV[2]
+# the TTL in seconds (0: none). Leaves the room's epoch and offset in `epoch`
+# and `top`: a room always has an epoch once anyone has looked at it.
+EPOCH = """
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+local meta = redis.call('HMGET', KEYS[2], 'epoch', 'replid', 'offset')
+local epoch, top = meta[1], tonumber(meta[3])
+if (not epoch) or meta[2] ~= replid then
+  epoch, top = ARGV[1], 0
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'replid', replid, 'offset', 0)
+end
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+"""
+
+# ARGV[3] pub/sub channel, ARGV[4] payload, ARGV[5] max entries.
+PUBLISH_SCRIPT = EPOCH + """
+top = redis.call('HINCRBY', KEYS[2], 'offset', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '0-' .. top, 'd', ARGV[4])
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], 'H' .. top .. ':' .. epoch .. ':' .. ARGV[4])
+return {epoch, top}
+"""
+
+POSITION_SCRIPT = EPOCH + """
+return {epoch, top}
+"""
+
+# ARGV[3] the member's epoch, ARGV[4] its offset: the range starts after it
+# in the same epoch, at the beginning in another.
+SINCE_SCRIPT = EPOCH + """
+local start = '-'
+if epoch == ARGV[3] then start = '(0-' .. ARGV[4] end
+return {epoch, top, redis.call('XRANGE', KEYS[1], start, '+')}
+"""
+
+# What the script publishes starts with this byte; a serialized message (a
+# msgpack map, 0x80-0x8f, 0xde or 0xdf) never does.
+ENVELOPE = ord("H")
+
+
+@dataclass(frozen=True)
+class Position:
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a member that resumes from a position gets back."""
+
+    position: Position  # the room's position now
+    messages: list[tuple[int, bytes]]  # (offset, payload) after the member's offset, oldest first
+    recovered: bool  # True: messages are exactly what it missed
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+def keys(prefix: str, group: str) -> tuple[str, str]:
+    return f"{prefix}:history:{group}", f"{prefix}:history-meta:{group}"
+
+
+def open_envelope(data: bytes) -> tuple[int, str, bytes] | None:
+    """(offset, epoch, payload) of a message the script published, or None for a plain one."""
+    if not data or data[0] != ENVELOPE:
+        return None
+    offset, epoch, payload = data[1:].split(b":", 2)
+    return int(offset), epoch.decode(), payload
+
+
+async def publish(redis, prefix: str, group: str, channel: str, payload: bytes, size: int, ttl: int) -> Position:
+    epoch, offset = await redis.eval(PUBLISH_SCRIPT, 2, *keys(prefix, group), new_epoch(), ttl, channel, payload, size)
+    return Position(epoch.decode(), int(offset))
+
+
+async def position(redis, prefix: str, group: str, ttl: int) -> Position:
+    """Where the room is now: a member that joins fresh starts here."""
+    epoch, offset = await redis.eval(POSITION_SCRIPT, 2, *keys(prefix, group), new_epoch(), ttl)
+    return Position(epoch.decode(), int(offset))
+
+
+async def since(redis, prefix: str, group: str, ttl: int, resume: Position) -> Recovery:
+    """The room's messages after ``resume``: all it has if the epoch changed."""
+    epoch, top, entries = await redis.eval(
+        SINCE_SCRIPT, 2, *keys(prefix, group), new_epoch(), ttl, resume.epoch, resume.offset
+    )
+    now = Position(epoch.decode(), int(top))
+    messages = [(int(entry_id.split(b"-")[1]), fields[1]) for entry_id, fields in entries]
+    if resume.epoch != now.epoch:
+        # Another history (the member's expired, was evicted, or was lost with
+        # a Redis restart or failover): all of it is new to the member, and
+        # whatever came before it is lost.
+        return Recovery(now, messages, recovered=False)
+    if resume.offset >= now.offset:
+        # Nothing missed (an offset from the future is not trusted).
+        return Recovery(now, [], recovered=resume.offset == now.offset)
+    # Covered when the oldest message kept is the first one the member missed.
+    covered = bool(messages) and messages[0][0] == resume.offset + 1
+    return Recovery(now, messages, recovered=covered)
