@@ -8,7 +8,7 @@ import pytest
 from loadtest.bench.configs import CONFIGURATIONS
 from loadtest.bench.loadgen import Ledger
 
-SMOKE_TIMEOUT = 120
+SMOKE_TIMEOUT = 240  # five configurations on a shared 2-core host
 
 
 @pytest.mark.stack

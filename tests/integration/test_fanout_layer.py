@@ -144,6 +144,46 @@ async def test_messages_past_capacity_wait_and_the_backlog_gauge_counts_them(pod
     assert backlog() == 0
 
 
+async def test_past_its_bound_the_backlog_sheds_tells_the_members_and_the_replica_is_not_ready(pods, settings):
+    """A replica that cannot keep up must not grow without bound: a message
+    that would take the backlog past FANOUT_MAX_BACKLOG_BYTES is dropped, each
+    member that misses it is told (fanout.shed) and handed nothing after it,
+    and the replica reports overloaded until the backlog is under half."""
+    from realtime.replica import state
+
+    pod_a, pod_b = pods
+    payload = "x" * 1000
+    settings.FANOUT_MAX_BACKLOG_BYTES = 5_500  # room for five messages of about 1 KB
+    gate = asyncio.Event()
+    stuck, shed = [], []
+
+    async def busy_member(message):
+        if message["type"] == "fanout.shed":
+            shed.append(message)
+            return
+        stuck.append(message["n"])
+        await gate.wait()  # the first message holds the replica's fan-out
+
+    await join(pod_a, "room", busy_member)
+    await asyncio.sleep(0.1)
+    for n in range(10):
+        await pod_b.group_send("room", {"type": "chat.message", "n": n, "text": payload})
+    await settle(lambda: shed and stuck == [0])
+    assert state.overloaded
+    assert backlog() <= 5
+    gate.set()
+    # Nothing after the first, not even what was queued before the cut:
+    await settle(lambda: backlog() == 0)
+    await asyncio.sleep(0.1)
+    # the member resumes from its last message and history fills the gap.
+    assert stuck == [0]
+    assert len(shed) == 1
+    assert not state.overloaded
+    await pod_b.group_send("room", {"type": "chat.message", "n": 99, "text": payload})
+    await asyncio.sleep(0.2)
+    assert 99 not in stuck, "a member that missed a message got a later one"
+
+
 def backlog() -> float:
     return REGISTRY.get_sample_value("blueprint_fanout_backlog", {"replica": "pod-test"})
 

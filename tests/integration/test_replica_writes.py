@@ -8,6 +8,7 @@ socket, and a room fan-out framed once for every member.
 """
 import asyncio
 import json
+import signal
 import socket
 
 import pytest
@@ -84,3 +85,35 @@ def test_a_slow_room_member_gets_every_fan_out_whole_and_in_order(redis_server, 
         frames = asyncio.run(scenario(daphne))
     assert [frame["id"] for frame in frames] == list(range(FRAMES))
     assert all(frame["type"] == "chat.message" and frame["message"] == PAYLOAD for frame in frames)
+
+
+def test_the_drain_close_does_not_wait_behind_a_slow_readers_queue(redis_server):
+    """A reader that has 10 MB queued for it still gets the drain's 1001 at
+    once: the queue is dropped (nothing may follow a close frame), and the
+    close goes out behind only what the transport and the kernel already hold."""
+    sent = 250  # of 40 KB: 10 MB, more than the kernel's socket buffers take
+
+    async def scenario(daphne):
+        member = await slow_reader(daphne, "/ws/chat/drain-behind/")
+        assert json.loads(await member.recv())["type"] == "welcome"
+        publisher = await websockets.connect(daphne.ws("/ws/chat/drain-behind/"), origin=daphne.origin, max_size=None)
+        assert json.loads(await publisher.recv())["type"] == "welcome"
+        echoes = asyncio.ensure_future(read(publisher, sent))
+        for n in range(sent):
+            await publisher.send(json.dumps({"message": PAYLOAD, "id": n}))
+        await asyncio.wait_for(echoes, 30)  # every frame is on its way to the member too
+        daphne.process.send_signal(signal.SIGTERM)
+        received = 0
+        try:
+            while True:
+                frame = json.loads(await asyncio.wait_for(member.recv(), 10))
+                received += frame.get("type") == "chat.message"
+        except websockets.ConnectionClosed:
+            pass
+        return received, member.close_code
+
+    with Daphne(redis_server.url, CHANNEL_LAYER="redis-fanout", **GENEROUS_LIMITS) as daphne:
+        received, code = asyncio.run(scenario(daphne))
+    print(f"the member read {received} of {sent} frames before the 1001")
+    assert code == 1001
+    assert received < sent * 0.8, "the close frame waited behind the queue"
