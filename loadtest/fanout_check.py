@@ -40,16 +40,13 @@ from dataclasses import dataclass, field
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from loadtest.room_member import JoinError, Position, Reconnect, RoomMember, endpoints, now_ms
+from loadtest.room_member import RETRY_STATUSES, JoinError, Position, Reconnect, RoomMember, endpoints, now_ms
 
 __all__ = [
     "CheckError", "FanoutReport", "Member", "Message", "endpoints", "join", "now_ms", "publish_http",
     "run_fanout_check", "tally", "wait_for_deliveries",
 ]
 
-# Handshake answers that mean "not now" (rate limit, replica starting or gone),
-# retried with jittered backoff when reconnect is on.
-RETRY_STATUSES = {429, 502, 503, 504}
 # Handshakes in flight at once within a room.
 CONNECT_CONCURRENCY = 50
 # After the last expected delivery: the window in which a duplicate would show up.

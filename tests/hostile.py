@@ -17,6 +17,8 @@ from pathlib import Path
 
 import websockets
 
+from loadtest.fanout_check import percentile
+from loadtest.room_member import now_ms
 from tests.processes import Daphne, stop
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -245,17 +247,6 @@ class LiveDaphne(Daphne):
 
 # --- well-behaved members ------------------------------------------------------------
 
-def percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))]
-
-
-def now_ms() -> float:
-    return time.time() * 1000
-
-
 class Member:
     """A chat member that reads everything, as a browser tab does: records
     every chat message's id and latency (now - sent_at) and every other frame."""
@@ -349,6 +340,8 @@ def delivery_problems(members: list[Member], ids: list[str]) -> list[str]:
 
 def latency_summary(members: list[Member]) -> tuple[float, float, int]:
     latencies = [value for member in members for value in member.latencies]
+    if not latencies:
+        return math.nan, math.nan, 0
     return percentile(latencies, 50), percentile(latencies, 99), len(latencies)
 
 

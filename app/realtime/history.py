@@ -26,6 +26,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from redis.commands.core import AsyncScript
+
 # Every script starts here. KEYS[1] the stream, KEYS[2] its meta hash (epoch,
 # replid, offset); ARGV[1] the epoch to start if a new one is needed, ARGV[2]
 # the TTL in seconds (0: none). Leaves the room's epoch and offset in `epoch`
@@ -99,21 +101,31 @@ def open_envelope(data: bytes) -> tuple[int, str, bytes] | None:
     return int(offset), epoch.decode(), payload
 
 
+def _script(text: str) -> AsyncScript:
+    # Called by its SHA (EVALSHA): a publish sends its arguments, not the
+    # script. A Redis that does not know it yet (restarted, failed over) is
+    # sent it once (SCRIPT LOAD) and asked again.
+    return AsyncScript(None, text.encode())
+
+
+_PUBLISH, _POSITION, _SINCE = _script(PUBLISH_SCRIPT), _script(POSITION_SCRIPT), _script(SINCE_SCRIPT)
+
+
 async def publish(redis, prefix: str, group: str, channel: str, payload: bytes, size: int, ttl: int) -> Position:
-    epoch, offset = await redis.eval(PUBLISH_SCRIPT, 2, *keys(prefix, group), new_epoch(), ttl, channel, payload, size)
+    epoch, offset = await _PUBLISH(keys(prefix, group), (new_epoch(), ttl, channel, payload, size), client=redis)
     return Position(epoch.decode(), int(offset))
 
 
 async def position(redis, prefix: str, group: str, ttl: int) -> Position:
     """Where the room is now: a member that joins fresh starts here."""
-    epoch, offset = await redis.eval(POSITION_SCRIPT, 2, *keys(prefix, group), new_epoch(), ttl)
+    epoch, offset = await _POSITION(keys(prefix, group), (new_epoch(), ttl), client=redis)
     return Position(epoch.decode(), int(offset))
 
 
 async def since(redis, prefix: str, group: str, ttl: int, resume: Position) -> Recovery:
     """The room's messages after ``resume``: all it has if the epoch changed."""
-    epoch, top, entries = await redis.eval(
-        SINCE_SCRIPT, 2, *keys(prefix, group), new_epoch(), ttl, resume.epoch, resume.offset
+    epoch, top, entries = await _SINCE(
+        keys(prefix, group), (new_epoch(), ttl, resume.epoch, resume.offset), client=redis
     )
     now = Position(epoch.decode(), int(top))
     messages = [(int(entry_id.split(b"-")[1]), fields[1]) for entry_id, fields in entries]

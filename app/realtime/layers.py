@@ -405,17 +405,27 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
 
     def link_lost(self, shard: FanoutShard) -> None:
         """Members of groups on ``shard`` may miss messages from now on: tell them, and cut them."""
-        told = 0
-        for group_channel, members in self.groups.items():
-            if self._get_shard(group_channel) is not shard:
-                continue
-            for channel in members:
-                handler = self.handlers.get(channel)
-                if handler is not None and handler not in self._cut:
-                    self._cut.add(handler)
-                    asyncio.ensure_future(handler(LINK_LOST))
-                    told += 1
+        handlers = [
+            self.handlers[channel]
+            for group_channel, members in self.groups.items()
+            if self._get_shard(group_channel) is shard
+            for channel in members
+            if channel in self.handlers
+        ]
+        told = self._cut_and_tell(handlers, LINK_LOST)
         logger.warning("told %d members that the link to Redis is lost", told)
+
+    def _cut_and_tell(self, handlers: list[Handler], notice: dict) -> int:
+        """Hand these members nothing more, and tell each, once, why (out of
+        band). Cut synchronously: a member must not get a later message before
+        it hears that it may have missed one. Returns how many were told."""
+        told = 0
+        for handler in handlers:
+            if handler not in self._cut:
+                self._cut.add(handler)
+                asyncio.ensure_future(handler(notice))
+                told += 1
+        return told
 
     def fan_out(self, handlers: list[Handler], data: bytes) -> None:
         if self._pending_bytes + len(data) > settings.FANOUT_MAX_BACKLOG_BYTES:
@@ -438,12 +448,7 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
                 self._pending_bytes,
             )
             state.overloaded = True
-        for handler in handlers:
-            if handler not in self._cut:
-                # Synchronously cut: the member must not get a later message
-                # before it hears that it missed this one.
-                self._cut.add(handler)
-                asyncio.ensure_future(handler(SHED))
+        self._cut_and_tell(handlers, SHED)
 
     async def _deliver_pending(self) -> None:
         deserialize = self.channel_layer.deserialize

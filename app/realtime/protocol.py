@@ -68,11 +68,15 @@ def decode_text_frame(text_data: str | None, bytes_data: bytes | None, max_bytes
     except RecursionError:
         # Thousands of nested brackets fit in one frame; json.loads gives up
         # cleanly, and the frame is refused like any other too-deep one.
-        raise FrameError("bad_json", f"frame nests objects and arrays deeper than {MAX_JSON_DEPTH} levels") from None
+        raise _too_deep() from None
     if not isinstance(payload, dict):
         raise FrameError("bad_json", f"frame must be a JSON object, got {type(payload).__name__}")
     check_portable(payload)
     return payload
+
+
+def _too_deep() -> FrameError:
+    return FrameError("bad_json", f"frame nests objects and arrays deeper than {MAX_JSON_DEPTH} levels")
 
 
 def _unsafe_integer() -> FrameError:
@@ -111,7 +115,7 @@ def check_portable(payload: dict) -> None:
     while stack:
         container, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise FrameError("bad_json", f"frame nests objects and arrays deeper than {MAX_JSON_DEPTH} levels")
+            raise _too_deep()
         if type(container) is dict:
             for key in container:
                 _check_text(key)

@@ -128,7 +128,8 @@ class ServerCloseProtocol(WebSocketProtocol):
         if self.state != self.STATE_OPEN:
             # Closing or closed: the client learns why from the close code;
             # a frame for it is dropped and counted, not an error per message.
-            _metrics().DELIVERIES_DROPPED.labels(_metrics().REPLICA, "closing").inc()
+            metrics = _metrics()
+            metrics.DELIVERIES_DROPPED.labels(metrics.REPLICA, "closing").inc()
             return
         if binary:
             super().serverSend(content, binary)

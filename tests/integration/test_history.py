@@ -7,16 +7,14 @@ history cannot cover the gap it is told ``recovered: false``.
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import websockets
 
-from deploy.ports import free_port
 from tests.integration.test_replica_writes import small_buffer_socket
-from tests.processes import REPO, Daphne, status_of, wait_for
+from tests.processes import Daphne, status_of, wait_for
+from tests.tcp_proxy import Proxy
 
 pytestmark = pytest.mark.redis
 
@@ -127,28 +125,6 @@ def test_after_a_redis_restart_a_member_is_told_recovered_false_and_gets_nothing
     assert welcome["recovered"] is False and welcome["replayed"] == 1
     assert welcome["epoch"] != before["epoch"]
     assert [(f["message"], f["offset"], f["epoch"]) for f in frames] == [("after", 1, welcome["epoch"])]
-
-
-class Proxy:
-    """tests/tcp_proxy.py as a process: SIGSTOP cuts the link without closing it."""
-
-    def __init__(self, target: int):
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.tcp_proxy", str(self.port), str(target)], cwd=REPO, stdout=subprocess.PIPE
-        )
-        assert self.process.stdout.readline().strip() == b"listening"
-
-    def cut(self):
-        self.process.send_signal(signal.SIGSTOP)
-
-    def heal(self):
-        self.process.send_signal(signal.SIGCONT)
-
-    def close(self):
-        self.process.send_signal(signal.SIGCONT)
-        self.process.kill()
-        self.process.wait()
 
 
 def test_a_replica_cut_from_redis_closes_its_members_with_1012_and_recovers_after_the_heal(redis_server):
@@ -277,10 +253,12 @@ def test_a_member_closed_for_falling_behind_resumes_with_everything(redis_server
         seen += await chats(back, welcome["replayed"])
         return member.close_code, welcome, seen
 
-    small_buffers = {"WS_RATE_LIMIT_PER_SECOND": "1000", "WS_RATE_LIMIT_BURST": "1000"}
-    with Daphne(redis_server.url, **FANOUT, **small_buffers) as daphne:
+    fast_publisher = {"WS_RATE_LIMIT_PER_SECOND": "1000", "WS_RATE_LIMIT_BURST": "1000"}
+    with Daphne(redis_server.url, **FANOUT, **fast_publisher) as daphne:
         close_code, welcome, seen = asyncio.run(scenario(daphne))
-    assert close_code == 4000
+    # 4000 when the reader gets to the close frame within the close handshake's
+    # second; 1006 when it is dropped first for not answering it (README, Limits).
+    assert close_code in (4000, 1006)
     assert welcome["recovered"] is True
     assert [frame["offset"] for frame in seen] == list(range(1, 252))
 

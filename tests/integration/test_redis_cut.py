@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import websockets
 
-from tests.integration.test_history import FANOUT, Proxy, chats, join
+from tests.integration.test_history import FANOUT, chats, join
 from tests.processes import Daphne, status_of, wait_for
+from tests.tcp_proxy import Proxy
 
 pytestmark = pytest.mark.redis
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import signal
 import socket
+import urllib.request
 
 import pytest
 import websockets
@@ -49,6 +50,18 @@ async def read(client, count: int) -> list[dict]:
     return [json.loads(await asyncio.wait_for(client.recv(), 10)) for _ in range(count)]
 
 
+async def publish_frames(daphne: Daphne, path: str, count: int):
+    """A publisher that reads fast sends ``count`` frames of PAYLOAD into the
+    room and reads its own copies back: once it has, every frame is on its way
+    to every member. Returns the publisher and its copies."""
+    publisher = await websockets.connect(daphne.ws(path), origin=daphne.origin, max_size=None)
+    assert json.loads(await publisher.recv())["type"] == "welcome"
+    echoes = asyncio.ensure_future(read(publisher, count))
+    for n in range(count):
+        await publisher.send(json.dumps({"message": PAYLOAD, "id": n}))
+    return publisher, await asyncio.wait_for(echoes, 30)
+
+
 def test_a_slow_reader_gets_every_reply_whole_and_in_order(redis_server):
     async def scenario(daphne):
         client = await slow_reader(daphne, "/ws/api/")
@@ -70,12 +83,7 @@ def test_a_slow_room_member_gets_every_fan_out_whole_and_in_order(redis_server, 
     async def scenario(daphne):
         member = await slow_reader(daphne, "/ws/chat/slow/")
         assert json.loads(await member.recv())["type"] == "welcome"
-        publisher = await websockets.connect(daphne.ws("/ws/chat/slow/"), origin=daphne.origin, max_size=None)
-        assert json.loads(await publisher.recv())["type"] == "welcome"
-        echoes = asyncio.ensure_future(read(publisher, FRAMES))
-        for n in range(FRAMES):
-            await publisher.send(json.dumps({"message": PAYLOAD, "id": n}))
-        await asyncio.wait_for(echoes, 30)  # the publisher, a fast reader, got all of them
+        publisher, _ = await publish_frames(daphne, "/ws/chat/slow/", FRAMES)
         frames = await read(member, FRAMES)
         await member.close()
         await publisher.close()
@@ -96,12 +104,7 @@ def test_the_drain_close_does_not_wait_behind_a_slow_readers_queue(redis_server)
     async def scenario(daphne):
         member = await slow_reader(daphne, "/ws/chat/drain-behind/")
         assert json.loads(await member.recv())["type"] == "welcome"
-        publisher = await websockets.connect(daphne.ws("/ws/chat/drain-behind/"), origin=daphne.origin, max_size=None)
-        assert json.loads(await publisher.recv())["type"] == "welcome"
-        echoes = asyncio.ensure_future(read(publisher, sent))
-        for n in range(sent):
-            await publisher.send(json.dumps({"message": PAYLOAD, "id": n}))
-        await asyncio.wait_for(echoes, 30)  # every frame is on its way to the member too
+        await publish_frames(daphne, "/ws/chat/drain-behind/", sent)
         daphne.process.send_signal(signal.SIGTERM)
         received = 0
         try:
@@ -117,3 +120,44 @@ def test_the_drain_close_does_not_wait_behind_a_slow_readers_queue(redis_server)
     print(f"the member read {received} of {sent} frames before the 1001")
     assert code == 1001
     assert received < sent * 0.8, "the close frame waited behind the queue"
+
+
+def metric(daphne: Daphne, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://{daphne.base}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_the_replica_wide_bound_cuts_the_slow_readers_and_spares_the_fast_one(redis_server):
+    """Each slow reader stays under its own bound (16 MiB here), but together
+    they pass the replica's (1 MiB): every one of them is closed, the reader
+    that keeps up is not, and the bytes held for them go back to zero."""
+    sent = 250  # of 40 KB: 10 MB to each member
+
+    async def scenario(daphne):
+        slow = [await slow_reader(daphne, "/ws/chat/replica-bound/") for _ in range(2)]
+        for member in slow:
+            assert json.loads(await member.recv())["type"] == "welcome"
+        publisher, echoed = await publish_frames(daphne, "/ws/chat/replica-bound/", sent)
+        codes = []
+        for member in slow:
+            try:
+                while True:
+                    await asyncio.wait_for(member.recv(), 10)
+            except websockets.ConnectionClosed:
+                codes.append(member.close_code)
+        await publisher.close()
+        return len(echoed), codes
+
+    limits = {**GENEROUS_LIMITS, "WS_MAX_PENDING_BYTES_TOTAL": str(1024 * 1024)}
+    with Daphne(redis_server.url, CHANNEL_LAYER="redis-fanout", **limits) as daphne:
+        echoed, codes = asyncio.run(scenario(daphne))
+        cut = metric(daphne, "blueprint_ws_connections_refused_total", reason="slow_consumer")
+        pending = metric(daphne, "blueprint_ws_pending_bytes")
+    assert echoed == sent, "the reader that keeps up lost frames"
+    # 4000 when the close frame is read, 1006 when the reader was dropped for not answering it.
+    assert all(code in (4000, 1006) for code in codes), codes
+    assert cut == 2 and pending == 0
