@@ -106,8 +106,11 @@ test: checkov-venv
 # make images-offline && make up      no registry needed: base images from Debian packages
 # make up [REPLICAS=3] [LOCUST_WORKERS=2] | scale N=5 | logs | ps | down
 # PROJECT and ENV_FILE pick another stack (the e2e tests run their own on a free NGINX_PORT).
+# COMPOSE_FILES adds overlays: `docker-compose.yml docker-compose.sentinel.yml`
+# runs Redis as a master, a replica and three Sentinels (the chaos suite's failover).
 PROJECT ?= channels-blueprint
 ENV_FILE ?= .env
+COMPOSE_FILES ?= docker-compose.yml
 WHEELHOUSE := build/wheelhouse
 BASE_IMAGES_ENV := build/base-images.env
 HEALTHY_TIMEOUT ?= 180
@@ -116,7 +119,7 @@ LOCUST_WORKERS ?= 0
 LOADTEST_PROFILE = $(if $(filter-out 0,$(LOCUST_WORKERS)),--profile loadtest)
 COMPOSE_COMMAND := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 # The env file is optional for building, so it is passed only once it exists.
-COMPOSE = $(COMPOSE_COMMAND) --project-name $(PROJECT) $$([ ! -f $(ENV_FILE) ] || echo --env-file $(ENV_FILE))
+COMPOSE = $(COMPOSE_COMMAND) $(foreach file,$(COMPOSE_FILES),--file $(file)) --project-name $(PROJECT) $$([ ! -f $(ENV_FILE) ] || echo --env-file $(ENV_FILE))
 # Image names recorded by images-offline, for those not set in the environment
 # or on the command line. Read when a recipe runs, so `make images-offline up` works.
 WITH_BASE_IMAGES = if [ -f $(BASE_IMAGES_ENV) ]; then \
@@ -187,6 +190,15 @@ logs: ## follow the stack's logs
 .PHONY: ps
 ps: ## list the stack's containers and their health
 	@$(COMPOSE) ps
+
+# --- chaos ---
+# make chaos [CHAOS_SCHEDULE=full|short]   faults under load on compose stacks of the offline images
+# (as root: a Redis cut runs iptables inside a replica's network namespace)
+CHAOS_SCHEDULE ?= full
+
+.PHONY: chaos
+chaos: venv images-offline ## kill, drain, scale, cut, pause, restart, fail over under load; a checker over every message: loadtest/reports/chaos.*
+	@$(BIN)/python -m loadtest.chaos --schedule $(CHAOS_SCHEDULE)
 
 # --- local stack ---
 # make demo [PORT=8080] [REPLICAS=3]   the scaled topology as local processes, checked, then served until Ctrl-C

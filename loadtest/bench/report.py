@@ -210,7 +210,8 @@ def plot(report: dict, path: Path) -> None:
     pyplot.close(figure)
 
 
-def write(report: dict, out: Path) -> dict[str, Path]:
+def write(report: dict, out: Path, plot=plot, markdown=markdown) -> dict[str, Path]:
+    """out.json, out.png and out.md (which shows the plot); the chaos report's too."""
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {kind: out.with_suffix(suffix) for kind, suffix in (("json", ".json"), ("md", ".md"), ("png", ".png"))}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")

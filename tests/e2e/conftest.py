@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.required import unavailable
-from tests.e2e.compose_stack import (
+from loadtest.compose_stack import (
     APP_IMAGE,
     NGINX_APP_IMAGE,
     REPO,

@@ -27,7 +27,7 @@ from loadtest.fanout_check import (
     wait_for_deliveries,
 )
 from loadtest.room_member import RoomMember
-from tests.e2e.compose_stack import ComposeStack, docker_inspect, run
+from loadtest.compose_stack import ComposeStack, docker_inspect, run
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 # After `docker compose restart redis`, the bound on a working fan-out again.

@@ -16,7 +16,7 @@ import yaml
 
 from deploy.render_nginx import values_for
 from deploy.stack import DAPHNE_PING_INTERVAL, DAPHNE_PING_TIMEOUT
-from tests.e2e.compose_stack import APP_IMAGE, COMPOSE_FILE, NGINX_APP_IMAGE, REPO, compose_variables
+from loadtest.compose_stack import APP_IMAGE, COMPOSE_FILE, NGINX_APP_IMAGE, REPO, compose_variables
 
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILES = [REPO / "Dockerfile", REPO / "nginx" / "Dockerfile"]

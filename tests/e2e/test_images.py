@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.compose_stack import APP_IMAGE, NGINX_APP_IMAGE, docker_inspect
+from loadtest.compose_stack import APP_IMAGE, NGINX_APP_IMAGE, docker_inspect
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 SECRET_NAMES = ("DJANGO_SECRET_KEY", "REDIS_PASSWORD", "BROADCAST_TOKEN")

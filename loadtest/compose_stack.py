@@ -1,4 +1,5 @@
-"""A compose stack of the real images for the end-to-end tests, driven like a user does.
+"""A compose stack of the real images, driven like a user does: for the
+end-to-end tests and the chaos suite.
 
 Started and stopped with the Makefile's own targets (`make up`, `make scale`,
 `make down`) under a unique project name, on a free port, with its own env
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from deploy.ports import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 APP_IMAGE = "channels-blueprint:0.1.0"
 NGINX_APP_IMAGE = "channels-blueprint-nginx:0.1.0"
 # Output kept from a failed command, enough for a build or start error.
@@ -83,33 +84,42 @@ class ComposeStack:
     env_file: Path
     port: int
     broadcast_token: str
+    # Compose files, the base first, then overlays (docker-compose.sentinel.yml).
+    files: tuple[str, ...] = ("docker-compose.yml",)
     up_seconds: float = 0.0
 
     @classmethod
-    def create(cls, directory: Path) -> "ComposeStack":
-        """A stack definition with fresh secrets and a free port; nothing is started yet."""
+    def create(cls, directory: Path, *, files: tuple[str, ...] = ("docker-compose.yml",),
+               prefix: str = "e2e", environment: dict[str, object] | None = None) -> "ComposeStack":
+        """A stack definition with fresh secrets, a free port and any other
+        variables of docker-compose.yml; nothing is started yet."""
         token = secrets.token_hex(16)
         port = free_port()
         env_file = directory / "stack.env"
-        env_file.write_text(
-            f"DJANGO_SECRET_KEY={secrets.token_hex(32)}\n"
-            f"REDIS_PASSWORD={secrets.token_hex(16)}\n"
-            f"BROADCAST_TOKEN={token}\n"
-            f"NGINX_PORT={port}\n"
-        )
-        return cls(f"e2e{secrets.token_hex(4)}", env_file, port, token)
+        variables = {
+            "DJANGO_SECRET_KEY": secrets.token_hex(32),
+            "REDIS_PASSWORD": secrets.token_hex(16),
+            "BROADCAST_TOKEN": token,
+            "NGINX_PORT": port,
+            **(environment or {}),
+        }
+        env_file.write_text("".join(f"{name}={value}\n" for name, value in variables.items()))
+        return cls(f"{prefix}{secrets.token_hex(4)}", env_file, port, token, files)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def make(self, *targets: str, **variables: object) -> subprocess.CompletedProcess:
-        return make(*targets, PROJECT=self.project, ENV_FILE=self.env_file, **variables)
+        return make(*targets, PROJECT=self.project, ENV_FILE=self.env_file, COMPOSE_FILES=" ".join(self.files),
+                    **variables)
 
     def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         command = compose_command()
         assert command, "no compose command"
-        return run([*command, "--project-name", self.project, "--env-file", str(self.env_file), *args], timeout)
+        files = [arg for name in self.files for arg in ("--file", name)]
+        return run([*command, *files, "--project-name", self.project, "--env-file", str(self.env_file), *args],
+                   timeout)
 
     def containers(self, service: str | None = None, *, all_states: bool = False) -> list[str]:
         """Container ids of the project (of one service), running ones unless all_states."""
@@ -129,6 +139,18 @@ class ComposeStack:
         """hostname (the replica's POD_NAME) -> container id, for the running containers."""
         ids = self.containers(service)
         return {c["Config"]["Hostname"]: c["Id"] for c in docker_inspect(*ids)} if ids else {}
+
+    def inspect(self, container: str) -> dict:
+        return docker_inspect(container)[0]
+
+    def host_pid(self, container: str) -> int:
+        """The container's main process as this machine sees it (0: not running)."""
+        return int(self.inspect(container)["State"]["Pid"])
+
+    def address(self, container: str) -> str:
+        """The container's address on the project's network."""
+        networks = self.inspect(container)["NetworkSettings"]["Networks"]
+        return next(iter(networks.values()))["IPAddress"]
 
     def exec(self, container: str, *command: str, timeout: float = 60) -> str:
         return run(["docker", "exec", container, *command], timeout).stdout
