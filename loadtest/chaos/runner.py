@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import re
 import secrets
 import tempfile
 import time
@@ -33,8 +34,6 @@ from loadtest.compose_stack import REPO, ComposeStack
 QUIET_SECONDS = 10.0
 BASE = ("docker-compose.yml",)
 SENTINEL = ("docker-compose.yml", "docker-compose.sentinel.yml")
-# The app's default, which compose and Kubernetes keep (a consistency test).
-REDIS_LINK_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,13 @@ SCHEDULES: dict[str, tuple[Segment, ...]] = {
         Segment(SENTINEL, (nemesis.sentinel_failover(), nemesis.kill_replica())),
     ),
 }
+
+
+def app_default(variable: str) -> float:
+    """A setting's default in the app (compose and Kubernetes keep it: a consistency test)."""
+    found = re.search(rf'env_\w+\("{variable}", ([\d.]+)', (REPO / "app" / "config" / "settings.py").read_text())
+    assert found, f"app/config/settings.py no longer reads {variable} with a default"
+    return float(found.group(1))
 
 
 def memory_limit_bytes() -> int:
@@ -169,7 +175,7 @@ async def run(schedule: str, log=print) -> dict:
         "settings": {
             "rooms": settings.rooms, "members": settings.rooms * settings.members_per_room, "replicas": 3,
             "socket_rate": settings.socket_rate, "http_rate": settings.http_rate,
-            "redis_link_timeout_seconds": REDIS_LINK_TIMEOUT_SECONDS,
+            "redis_link_timeout_seconds": app_default("REDIS_LINK_TIMEOUT_SECONDS"),
             "quiet_seconds": QUIET_SECONDS,
         },
         "t0": t0,

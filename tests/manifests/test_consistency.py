@@ -383,3 +383,56 @@ def test_compose_and_kubernetes_bound_redis_memory_alike(name):
     compose = _redis_memory_options(" ".join(_compose_service(sources.compose_services(), "redis")["command"]).split())
     assert kubernetes == compose, f"compose {compose} against Kubernetes {kubernetes}"
     assert kubernetes.get("--maxmemory-policy") == "volatile-lru"
+
+
+# --- the settings the chaos suite validated (README, Guarantees under faults) ---
+
+# The app settings a fault's outcome depends on: the link timeout sets when
+# members of a replica cut from Redis are sent elsewhere, the drain timeout a
+# SIGTERM's length, the bounds how a slow member or a backlog is cut, the
+# history what a resume can recover.
+FAULT_SETTINGS = (
+    "REDIS_LINK_TIMEOUT_SECONDS", "DRAIN_TIMEOUT_SECONDS", "READYZ_CACHE_SECONDS", "READYZ_TIMEOUT_SECONDS",
+    "WS_MAX_PENDING_BYTES", "WS_MAX_PENDING_BYTES_TOTAL", "FANOUT_MAX_BACKLOG_BYTES",
+    "ROOM_HISTORY_SIZE", "ROOM_HISTORY_TTL_SECONDS",
+)
+
+
+def _seconds(duration: str) -> float:
+    value, unit = re.fullmatch(r"(\d+)(s|m)", duration).groups()
+    return float(value) * (60 if unit == "m" else 1)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_kubernetes_runs_the_fault_settings_the_chaos_suite_ran_under_compose(name):
+    """The chaos suite runs every fault on compose: Kubernetes must run the
+    same values (empty: the app's default), or its table says nothing about a cluster."""
+    docs = render(name)
+    daphne = find(docs, "Deployment", "daphne")
+    environment = _compose_service(sources.compose_services(), "daphne")["environment"]
+    for variable in FAULT_SETTINGS:
+        compose = sources.with_defaults(str(environment.get(variable, "")))
+        try:
+            kubernetes = env_value(daphne, docs, variable)
+        except KeyError:
+            kubernetes = ""
+        assert compose == kubernetes, f"{variable}: compose {compose!r}, Kubernetes {name} {kubernetes!r}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_kubernetes_gives_the_drain_at_least_the_time_the_chaos_suite_gave_it(name):
+    daphne = find(render(name), "Deployment", "daphne")
+    pause = container(daphne)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = daphne["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    compose = _seconds(_compose_service(sources.compose_services(), "daphne")["stop_grace_period"])
+    assert compose > sources.app_drain_timeout_default(), "compose kills the replica before its drain ends"
+    assert grace - pause >= compose, f"{name}: {grace} s grace - {pause} s preStop < compose's {compose} s"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_a_replica_cut_from_redis_leaves_the_service_within_the_stall_the_chaos_suite_allows(name):
+    from loadtest.chaos.checker import STALL_ALLOWANCE_SECONDS
+
+    probe = container(find(render(name), "Deployment", "daphne"))["readinessProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= STALL_ALLOWANCE_SECONDS
+
