@@ -192,7 +192,7 @@ ps: ## list the stack's containers and their health
 	@$(COMPOSE) ps
 
 # --- chaos ---
-# make chaos [CHAOS_SCHEDULE=full|short]   faults under load on compose stacks of the offline images
+# make chaos [CHAOS_SCHEDULE=full|short|failover]   faults under load on compose stacks of the offline images
 # (as root: a Redis cut runs iptables inside a replica's network namespace)
 CHAOS_SCHEDULE ?= full
 

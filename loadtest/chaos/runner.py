@@ -42,12 +42,15 @@ class Segment:
     faults: tuple[Fault, ...]
 
 
+FAILOVER = Segment(SENTINEL, (nemesis.sentinel_failover(), nemesis.kill_replica()))
 SCHEDULES: dict[str, tuple[Segment, ...]] = {
     # make test: one of each kind that needs no long wait, about 4 minutes.
     "short": (
         Segment(BASE, (nemesis.kill_replica(), nemesis.drain_replica(), nemesis.cut_from_redis(5),
                        nemesis.slow_members(), nemesis.restart_redis(), nemesis.reload_nginx())),
     ),
+    # make chaos CHAOS_SCHEDULE=failover: the Sentinel overlay alone.
+    "failover": (FAILOVER,),
     # make chaos: every fault of the suite.
     "full": (
         Segment(BASE, (
@@ -55,7 +58,7 @@ SCHEDULES: dict[str, tuple[Segment, ...]] = {
             nemesis.cut_from_redis(5), nemesis.cut_from_redis(90), nemesis.pause_redis(10),
             nemesis.restart_redis(), nemesis.slow_members(), nemesis.reload_nginx(),
         )),
-        Segment(SENTINEL, (nemesis.sentinel_failover(), nemesis.kill_replica())),
+        FAILOVER,
     ),
 }
 
