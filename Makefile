@@ -227,3 +227,30 @@ bench: venv system-packages ## capacity benchmark against the raw baseline: load
 .PHONY: bench-smoke
 bench-smoke: venv system-packages ## the benchmark with small numbers, in under 2 minutes: loadtest/reports/bench-smoke.*
 	@$(BIN)/python -m loadtest.bench --smoke $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
+
+# --- upgrade canary ---
+# The fast path (app/realtime/compat.py) on the newest PyPI releases of the
+# libraries whose internals it uses, in a virtual environment of its own, the
+# rest as locked. It prints the versions tried and what changed since the
+# lock, and fails when the fast path does not hold on them (a name it uses is
+# gone, or a fast-path or fan-out test fails with FAST_PATH=force): bumping
+# the lock to them needs the fast path ported first, or replicas on them would
+# run stock (a name gone) or break where no check looks (a meaning changed).
+CANARY_VENV := build/canary-venv
+CANARY_PACKAGES := channels channels-redis daphne twisted autobahn redis
+CANARY_TESTS := tests/unit/test_compat.py tests/unit/test_events.py tests/integration/test_compat_paths.py \
+	tests/integration/test_fanout_layer.py tests/integration/test_shared_events.py tests/integration/test_replica_writes.py
+
+.PHONY: canary
+canary: system-packages ## the fast path on the newest channels, channels-redis, daphne, Twisted, autobahn and redis
+	rm -rf $(CANARY_VENV)
+	$(PYTHON) -m venv $(CANARY_VENV)
+	$(CANARY_VENV)/bin/pip install --quiet --upgrade pip
+	$(CANARY_VENV)/bin/pip install --quiet --require-hashes -r requirements/app.lock
+	$(CANARY_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	$(CANARY_VENV)/bin/pip install --quiet --upgrade $(CANARY_PACKAGES)
+	@export FAST_PATH=force; failed=; \
+	  $(CANARY_VENV)/bin/python -m realtime.compat --lock requirements/app.lock || failed="a name the fast path uses is gone"; \
+	  $(CANARY_VENV)/bin/pytest -q -p no:cacheprovider $(CANARY_TESTS) || failed="$${failed:+$$failed; }fast-path tests failed"; \
+	  if [ -n "$$failed" ]; then echo "canary: FAIL ($$failed): port app/realtime/compat.py before the lock moves to these"; exit 1; fi; \
+	  echo "canary: PASS: the fast path holds on these releases"

@@ -11,13 +11,12 @@ import functools
 import logging
 import time
 
-from channels.consumer import get_handler_name
-from channels.exceptions import StopConsumer
 from channels.layers import get_channel_layer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from realtime import close_codes, history, metrics, protocol
+from realtime import close_codes, compat, history, metrics, protocol
+from realtime.events import SharedEvent, SharedFrame
 from realtime.layers import LAYER_ERRORS, FanoutChannelLayer
 from realtime.limits import TokenBucket
 from realtime.membership import keeper
@@ -36,31 +35,23 @@ def _report_failed_close(task: asyncio.Future) -> None:
         logger.warning("could not close a failed consumer's socket: %r", task.exception())
 
 
-class JsonFrameConsumer(AsyncWebsocketConsumer):
+class JsonFrameConsumer(compat.ConsumerLifecycle, AsyncWebsocketConsumer):
     """Decodes client frames, enforces the per-socket limits and turns every
     refusal into an error frame."""
 
     endpoint = "base"
-    # Channels assigns ``self.channel_receive`` (the layer's receive for this
-    # consumer's channel) when the consumer starts, and a raised error there
-    # kills the consumer, closing the socket with 1011. During a Redis outage
-    # that would drop every socket of the replica; instead the socket stays
-    # open and the receive is retried with backoff until Redis is back.
+    # Channels' loop awaits the layer's receive for this consumer's channel,
+    # and a raised error there kills the consumer, closing the socket with
+    # 1011. During a Redis outage that would drop every socket of the
+    # replica; instead the socket stays open and the receive is retried with
+    # backoff until Redis is back.
     RECEIVE_RETRY_MAX_DELAY = 2.0
 
-    @property
-    def channel_receive(self):
-        return self._receive_until_layer_answers
-
-    @channel_receive.setter
-    def channel_receive(self, layer_receive):
-        self._layer_receive = layer_receive
-
-    async def _receive_until_layer_answers(self):
+    async def receive_from_layer(self):
         delay = 0.05
         while True:
             try:
-                return await self._layer_receive()
+                return await self.layer_receive()
             except LAYER_ERRORS as error:
                 # Once per outage per socket at warning level, not once per retry.
                 log = logger.warning if delay == 0.05 else logger.debug
@@ -72,14 +63,21 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
     counted = False
     has_left = False
     closing = False
+    # Served by the fan-out layer awaiting its handler (see __call__).
+    one_source = False
 
     async def __call__(self, scope, receive, send):
         """Run the consumer; whatever ends it (a close from either side, a
         handler that raises, cancellation, a drain), leave() runs: the socket
         is uncounted and its memberships are discarded exactly once."""
         try:
+            lifecycle_verified = compat.fast(compat.CONSUMERS)
+            if lifecycle_verified:
+                # These consumers never touch the database.
+                self.dispatch = self.lean_dispatch
             layer = get_channel_layer(self.channel_layer_alias)
-            if isinstance(layer, FanoutChannelLayer):
+            if lifecycle_verified and isinstance(layer, FanoutChannelLayer):
+                self.one_source = True
                 await self._serve_on_fanout(layer, scope, receive, send)
             else:
                 await super().__call__(scope, receive, send)
@@ -96,13 +94,9 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
         # the layer awaiting its handler, so the consumer has one source left,
         # its client: no second receive task and no asyncio.wait per frame, as
         # Channels' own loop needs for two sources.
-        self.scope, self.channel_layer, self.base_send = scope, layer, send
-        self.channel_name = await layer.new_channel(handler=self._deliver)
+        await self.start_one_source(layer, scope, send, self._deliver)
         try:
-            while True:
-                await self.dispatch(await receive())
-        except StopConsumer:
-            pass
+            await self.serve_client(receive)
         finally:
             try:
                 await layer.release(self.channel_name)
@@ -128,16 +122,6 @@ class JsonFrameConsumer(AsyncWebsocketConsumer):
             # Not awaited in the fan-out's task; Daphne queues nothing for it.
             closing = asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": close_codes.SERVER_ERROR}))
             closing.add_done_callback(_report_failed_close)
-
-    async def dispatch(self, message):
-        # Channels' own dispatch awaits aclose_old_connections() before every
-        # handler: a hop to the database thread per frame, kept for consumers
-        # that use the ORM. These consumers never touch the database, and that
-        # hop is a large share of per-message cost on the fan-out path.
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
 
     # --- connection lifecycle -------------------------------------------
 
@@ -311,7 +295,8 @@ class ChatConsumer(JsonFrameConsumer):
 
     @property
     def has_history(self) -> bool:
-        return isinstance(self.channel_layer, FanoutChannelLayer) and settings.ROOM_HISTORY_SIZE > 0
+        # Positions come with what the fan-out layer hands a handler.
+        return self.one_source and settings.ROOM_HISTORY_SIZE > 0
 
     async def joined(self) -> None:
         try:
@@ -392,10 +377,6 @@ class ChatConsumer(JsonFrameConsumer):
             return
         GROUP_SEND_SECONDS.observe(time.perf_counter() - started)
 
-    # The last event encoded and its text: the fan-out layer hands every member
-    # on the replica the same event object, and its frame is the same for all.
-    _encoded: tuple[dict | None, str] = (None, "")
-
     async def chat_message(self, event: dict) -> None:
         if "offset" in event:
             if self.joining is not None:
@@ -423,11 +404,11 @@ class ChatConsumer(JsonFrameConsumer):
         await self.close(code=close_codes.FELL_BEHIND)
 
     def _encode(self, event: dict) -> str:
-        cached, text = ChatConsumer._encoded
-        if cached is not event:
-            text = protocol.dumps(protocol.chat_delivery(event, served_by=settings.POD_NAME))
-            ChatConsumer._encoded = (event, text)
-        return text
+        # The fan-out layer hands every member on the replica the same event,
+        # and the frame is the same for all: made once, kept on the event.
+        if type(event) is SharedEvent:
+            return event.made(chat_frame)
+        return chat_frame(event)
 
     async def send_frame(self, text: str) -> None:
         self.sent.inc()
@@ -438,6 +419,11 @@ class ChatConsumer(JsonFrameConsumer):
         is sent to resume on another replica (1012, service restart)."""
         metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "redis_link").inc()
         await self.close(code=close_codes.SERVICE_RESTART)
+
+
+def chat_frame(event: dict) -> SharedFrame:
+    """The frame every member on this replica gets for a chat event."""
+    return SharedFrame(protocol.dumps(protocol.chat_delivery(event, served_by=settings.POD_NAME)))
 
 
 class RejectConsumer(AsyncWebsocketConsumer):

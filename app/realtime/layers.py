@@ -17,8 +17,11 @@ the messages. ``release(channel)`` forgets such a channel. Channels made
 without a handler are queued and read with ``receive`` as before, so a stock
 consumer works unchanged on this layer. Publishes run side by side.
 
-A handler that raises is logged and skipped: one broken socket must not stop
-a room's delivery on the replica. Past capacity, messages wait in memory and
+Every member on the replica is handed the same decoded message, a read-only
+``SharedEvent`` (``realtime.events``): a handler that tries to change it
+raises, and what it would have changed its roommates never see. A handler
+that raises is logged and skipped: one broken socket must not stop a room's
+delivery on the replica. Past capacity, messages wait in memory and
 are delivered late; ``blueprint_fanout_backlog`` counts them. The wait is
 bounded (``FANOUT_MAX_BACKLOG_BYTES``): a message that would take the backlog
 past it is dropped, never silently: each member that would have had it gets
@@ -53,11 +56,11 @@ import weakref
 from collections.abc import Awaitable, Callable
 
 from channels_redis import pubsub
-from channels_redis.utils import _wrap_close
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from realtime import history, metrics
+from realtime import compat, history, metrics
+from realtime.events import SharedEvent
 from realtime.replica import state
 
 logger = logging.getLogger(__name__)
@@ -74,8 +77,8 @@ LAYER_ERRORS = (OSError, asyncio.TimeoutError, RedisError)
 PUBLISHES_IN_FLIGHT = 50
 
 # What a member that missed a message, or may miss them, is told, out of band.
-SHED = {"type": "fanout.shed"}
-LINK_LOST = {"type": "fanout.link_lost"}
+SHED = SharedEvent(type="fanout.shed")
+LINK_LOST = SharedEvent(type="fanout.link_lost")
 # Pings per link timeout: a lost PONG or two is not yet a lost link.
 PINGS_PER_LINK_TIMEOUT = 5
 
@@ -87,7 +90,7 @@ FANOUT_SHED = metrics.FANOUT_SHED.labels(metrics.REPLICA)
 HISTORY_APPENDS = metrics.HISTORY_APPENDS.labels(metrics.REPLICA)
 
 
-class FanoutShard(pubsub.RedisSingleShardConnection):
+class FanoutShard(compat.PubSubShard):
     """One Redis shard: publishes that run side by side, a receiver that
     hands messages for channels with a handler to the fan-out, and a watch
     on the subscription link."""
@@ -111,17 +114,15 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
         # connection, up to PUBLISHES_IN_FLIGHT at once (redis-py's pool
         # refuses, rather than waits, past its own limit).
         async with self._publishing:
-            self._ensure_redis()
             # Bounded: on a cut link a write waits for TCP to give up, and the
             # publisher must hear "unavailable" long before that.
-            await asyncio.wait_for(self._redis.publish(channel, message), settings.REDIS_LINK_TIMEOUT_SECONDS)
+            await asyncio.wait_for(self.client().publish(channel, message), settings.REDIS_LINK_TIMEOUT_SECONDS)
 
     async def publish_with_history(self, group: str, channel: str, message: bytes) -> history.Position:
         async with self._publishing:
-            self._ensure_redis()
             position = await asyncio.wait_for(
                 history.publish(
-                    self._redis,
+                    self.client(),
                     self.channel_layer.prefix,
                     group,
                     channel,
@@ -135,16 +136,14 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
         return position
 
     async def keep_epochs(self, metas: list[str], ttl: int) -> None:
-        self._ensure_redis()
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self.client().pipeline(transaction=False) as pipe:
             for meta in metas:
                 pipe.expire(meta, ttl)
             await asyncio.wait_for(pipe.execute(), settings.REDIS_LINK_TIMEOUT_SECONDS)
 
     async def read_history(self, read, group: str, *args):
-        self._ensure_redis()
         return await asyncio.wait_for(
-            read(self._redis, self.channel_layer.prefix, group, settings.ROOM_HISTORY_TTL_SECONDS, *args),
+            read(self.client(), self.channel_layer.prefix, group, settings.ROOM_HISTORY_TTL_SECONDS, *args),
             settings.REDIS_LINK_TIMEOUT_SECONDS,
         )
 
@@ -160,7 +159,7 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
         and a resubscribe that raced another subscribe was seen to lose a group
         for good. So a reconnect counts as a lost link (members resume, and a
         new connection subscribes everything under the shard's lock)."""
-        connection = self._pubsub.connection if self._pubsub is not None else None
+        connection = self.subscription.connection if self.subscription is not None else None
         if connection is not None and connection is not self._watched:
             connection.register_connect_callback(self._on_reconnect)
             self._watched = connection
@@ -169,7 +168,7 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
         if connection is self._watched:
             self._reconnected = True
 
-    async def _do_receiving(self):
+    async def receive_loop(self):
         """channels_redis' receive loop, with a link watch: what breaks the
         subscription connection, or silences it, gets a new one."""
         loop = asyncio.get_running_loop()
@@ -180,12 +179,12 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
                 if self._reconnected:
                     await self._relink("redis-py reconnected the subscription connection")
                     continue
-                if not (self._pubsub and self._pubsub.subscribed):
+                if not (self.subscription and self.subscription.subscribed):
                     self._heard = loop.time()
                     await asyncio.sleep(0.1)
                     continue
                 try:
-                    message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                    message = await self.subscription.get_message(ignore_subscribe_messages=True, timeout=0.1)
                 except (asyncio.CancelledError, GeneratorExit):
                     raise
                 except Exception as error:
@@ -194,7 +193,7 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
                 if message is not None:
                     self._heard = loop.time()
                     if message["type"] != "pong":
-                        self._receive_message(message)
+                        self.on_message(message)
                 elif loop.time() - self._heard > settings.REDIS_LINK_TIMEOUT_SECONDS:
                     await self._relink(f"no answer from Redis for {settings.REDIS_LINK_TIMEOUT_SECONDS:g} s")
         finally:
@@ -203,7 +202,7 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
     async def _ping(self):
         while True:
             await asyncio.sleep(settings.REDIS_LINK_TIMEOUT_SECONDS / PINGS_PER_LINK_TIMEOUT)
-            pubsub_connection = self._pubsub
+            pubsub_connection = self.subscription
             if self.link_up and pubsub_connection is not None and pubsub_connection.subscribed:
                 try:
                     # The PONG arrives through the receive loop, as messages do.
@@ -239,9 +238,10 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
         The old one is dropped, not reused: after a cut its parser state is
         unknown (reused, it once spun at full CPU reading a dead socket).
         """
-        async with self._lock:
-            self._ensure_redis()
-            old, self._pubsub = self._pubsub, self._redis.pubsub()
+        async with self.subscribe_lock:
+            client = self.client()  # first: a new client comes with a subscription connection of its own
+            old = self.subscription
+            self.subscription = client.pubsub()
             if self._watched is not None:
                 # Back in the pool it serves publishes, whose reconnects are no concern here.
                 self._watched.deregister_connect_callback(self._on_reconnect)
@@ -252,13 +252,13 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
                     await asyncio.wait_for(old.aclose(), 1)
                 except Exception as error:
                     logger.debug("closing the old subscription connection: %r", error)
-            if self._subscribed_to:
+            if self.subscribed_channels:
                 await asyncio.wait_for(
-                    self._pubsub.subscribe(*self._subscribed_to), settings.REDIS_LINK_TIMEOUT_SECONDS
+                    self.subscription.subscribe(*self.subscribed_channels), settings.REDIS_LINK_TIMEOUT_SECONDS
                 )
                 self._watch_reconnects()
 
-    def _receive_message(self, message):
+    def on_message(self, message):
         if message is None:
             return
         name = message["channel"]
@@ -271,7 +271,7 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
             return
         members = layer.groups.get(name)
         if members is None:
-            super()._receive_message(message)
+            self.queue_for_receive(message)
             return
         attached = []
         for channel in members:
@@ -286,13 +286,14 @@ class FanoutShard(pubsub.RedisSingleShardConnection):
             layer.fan_out(attached, message["data"])
 
 
-class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
+class FanoutLoopLayer(compat.PubSubLoopLayer):
     """The per-event-loop half of the layer: groups, channels, shards, and the fan-out task."""
+
+    shard_class = FanoutShard
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._shards = [FanoutShard(shard.host, self) for shard in self._shards]
-        for index, shard in enumerate(self._shards):
+        for index, shard in enumerate(self.shards):
             shard.name = f"redis shard {index}"
         self.handlers: dict[str, Handler] = {}
         self._pending: collections.deque[tuple[list[Handler], bytes]] = collections.deque()
@@ -317,7 +318,7 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
             return await super().new_channel(prefix)
         channel = f"{self.prefix}{prefix}{uuid.uuid4().hex}"
         self.handlers[channel] = handler
-        self._in_background(self._get_shard(channel).subscribe(channel), "subscribe")
+        self._in_background(self.shard_for(channel).subscribe(channel), "subscribe")
         return channel
 
     async def release(self, channel: str) -> None:
@@ -326,27 +327,27 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
         if handler is not None:
             self._cut.discard(handler)
             # After its subscribe: the shard's lock serves them in order.
-            self._in_background(self._get_shard(channel).unsubscribe(channel), "unsubscribe")
+            self._in_background(self.shard_for(channel).unsubscribe(channel), "unsubscribe")
         elif self.channels.pop(channel, None) is not None:
-            await self._get_shard(channel).unsubscribe(channel)
+            await self.shard_for(channel).unsubscribe(channel)
 
     async def group_add(self, group: str, channel: str) -> None:
         if channel not in self.handlers:
             await super().group_add(group, channel)
             return
         # The stock check wants the channel among those read with receive.
-        group_channel = self._get_group_channel_name(group)
+        group_channel = self.group_channel(group)
         self.groups.setdefault(group_channel, set()).add(channel)
         if self._epochs_task is None or self._epochs_task.done():
             self._epochs_task = asyncio.ensure_future(self._keep_epochs())
-        await self._get_shard(group_channel).subscribe(group_channel)
+        await self.shard_for(group_channel).subscribe(group_channel)
 
     async def _keep_epochs(self) -> None:
         """A room's epoch lives ROOM_HISTORY_TTL_SECONDS after its last publish
         or join, so a quiet room with members here would lose it, and its next
         message, in a new epoch, would send every member to resume and be told
         ``recovered: false`` for nothing. Refreshed every third of the TTL."""
-        group_prefix = len(self._get_group_channel_name(""))
+        group_prefix = len(self.group_channel(""))
         while self.groups:
             ttl = settings.ROOM_HISTORY_TTL_SECONDS
             await asyncio.sleep(max(ttl / 3, 1.0))
@@ -356,7 +357,7 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
             for group_channel, members in list(self.groups.items()):
                 if any(channel in self.handlers for channel in members):
                     meta = history.keys(self.prefix, group_channel[group_prefix:])[1]
-                    metas[self._get_shard(group_channel)].append(meta)
+                    metas[self.shard_for(group_channel)].append(meta)
             for shard, keys in metas.items():
                 try:
                     await shard.keep_epochs(keys, ttl)
@@ -375,8 +376,8 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
 
     async def publish(self, group: str, message: dict) -> history.Position | None:
         """group_send that returns the message's position in the room's history (None: no history)."""
-        channel = self._get_group_channel_name(group)
-        shard = self._get_shard(channel)
+        channel = self.group_channel(group)
+        shard = self.shard_for(channel)
         data = self.channel_layer.serialize(message)
         if settings.ROOM_HISTORY_SIZE <= 0:
             await shard.publish(channel, data)
@@ -401,14 +402,14 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
 
     def _history_shard(self, group: str) -> FanoutShard:
         # The history lives on the shard that carries the group's messages.
-        return self._get_shard(self._get_group_channel_name(group))
+        return self.shard_for(self.group_channel(group))
 
     def link_lost(self, shard: FanoutShard) -> None:
         """Members of groups on ``shard`` may miss messages from now on: tell them, and cut them."""
         handlers = [
             self.handlers[channel]
             for group_channel, members in self.groups.items()
-            if self._get_shard(group_channel) is shard
+            if self.shard_for(group_channel) is shard
             for channel in members
             if channel in self.handlers
         ]
@@ -461,13 +462,12 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
                 state.overloaded = False
             try:
                 envelope = history.open_envelope(data)
-                # One decoded message shared by every member: handlers must not change it.
+                # One decoded message for every member, read-only.
                 if envelope is None:
-                    message = deserialize(data)
+                    message = SharedEvent.frozen(deserialize(data))
                 else:
                     offset, epoch, payload = envelope
-                    message = deserialize(payload)
-                    message["offset"], message["epoch"] = offset, epoch
+                    message = SharedEvent.frozen(deserialize(payload), offset=offset, epoch=epoch)
             except Exception:
                 logger.exception("a message from Redis could not be decoded; dropped")
                 continue
@@ -493,26 +493,28 @@ class FanoutLoopLayer(pubsub.RedisPubSubLoopLayer):
         await super().flush()
 
 
-class FanoutChannelLayer(pubsub.RedisPubSubChannelLayer):
+class FanoutChannelLayer(compat.PubSubChannelLayer):
     """``RedisPubSubChannelLayer`` whose replicas fan out once to consumers with a handler."""
 
+    loop_layer_class = FanoutLoopLayer
+
     async def release(self, channel: str) -> None:
-        await self._get_layer().release(channel)
+        await self.loop_layer().release(channel)
 
     async def publish(self, group: str, message: dict) -> history.Position | None:
-        return await self._get_layer().publish(group, message)
+        return await self.loop_layer().publish(group, message)
 
     async def history_position(self, group: str) -> history.Position:
-        return await self._get_layer().history_position(group)
+        return await self.loop_layer().history_position(group)
 
     async def history_since(self, group: str, resume: history.Position):
-        return await self._get_layer().history_since(group, resume)
+        return await self.loop_layer().history_since(group, resume)
 
-    def _get_layer(self):
-        loop = asyncio.get_running_loop()
-        try:
-            return self._layers[loop]
-        except KeyError:
-            layer = self._layers[loop] = FanoutLoopLayer(*self._args, **self._kwargs, channel_layer=self)
-            _wrap_close(self, loop)
-            return layer
+
+def fanout_or_stock(**config):
+    """The layer ``CHANNEL_LAYER=redis-fanout`` names: this one, or, where the
+    channels_redis internals it builds on are untested (``realtime.compat``),
+    channels_redis' own pub/sub layer, which shares its wire and groups."""
+    if compat.fast(compat.LAYER):
+        return FanoutChannelLayer(**config)
+    return pubsub.RedisPubSubChannelLayer(**config)

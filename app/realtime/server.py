@@ -32,15 +32,13 @@ import signal
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
-from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import reactor
 
-from realtime import close_codes
+from realtime import close_codes, compat, ws_protocol
 from realtime.replica import state
-from realtime.ws_protocol import ServerCloseProtocol
+from realtime.ws_protocol import DirectWriteProtocol, ServerCloseProtocol
 
 logger = logging.getLogger(__name__)
-
 
 
 def drain_timeout() -> float:
@@ -48,29 +46,35 @@ def drain_timeout() -> float:
 
 
 class DrainingServer(Server):
+    def __init__(self, *args, **kwargs):
+        # Twisted's own handlers would stop the reactor on SIGTERM (the abrupt path).
+        super().__init__(*args, **{**kwargs, "signal_handlers": False})
+
     def run(self):
         self.ports = []
-        # Twisted's own handlers would stop the reactor on SIGTERM (the abrupt path).
-        self.signal_handlers = False
+        # Every piece of the fast path is decided, and any that is off said, at start-up.
+        compat.decide()
+        self.reply_short_cut = compat.fast(compat.REPLIES)
         reactor.callWhenRunning(self._take_signals)
         super().run()
 
     async def handle_reply(self, protocol, message):
         # The fan-out's hot path, once per member per message: a text frame
-        # for an open socket goes straight to the protocol. Anything else, and
-        # every case Daphne refuses, takes Daphne's own checks.
+        # for an open socket goes straight to the protocol (on a verified
+        # Daphne: realtime.compat). Anything else, and every case Daphne
+        # refuses, takes Daphne's own checks.
         text = message.get("text")
         if (
-            message.get("type") == "websocket.send"
+            self.reply_short_cut
+            and message.get("type") == "websocket.send"
             and text is not None
             and message.get("bytes") is None
             and isinstance(protocol, ServerCloseProtocol)
             and protocol.state == ServerCloseProtocol.STATE_OPEN
+            and compat.daphne_connection_open(self, protocol)
         ):
-            connection = self.connections.get(protocol)
-            if connection is not None and not connection.get("disconnected"):
-                protocol.serverSend(text)
-                return
+            protocol.serverSend(text)
+            return
         await super().handle_reply(protocol, message)
 
     def listen_success(self, port):
@@ -80,12 +84,13 @@ class DrainingServer(Server):
     def _take_signals(self):
         # Runs as the reactor starts, after run() built the factory and before
         # the first connection is served.
-        self.ws_factory.protocol = ServerCloseProtocol
+        factory = compat.websocket_factory(self)
+        factory.protocol = DirectWriteProtocol if compat.fast(compat.WRITES) else ServerCloseProtocol
         # A frame over Daphne's transport limit (1 MiB) or a protocol error is
         # answered with a close frame that says why (1009, 1002, ...), not a
         # bare TCP drop the client can only read as 1006; a client that does
         # not answer the close is dropped after autobahn's close timeout.
-        self.ws_factory.setProtocolOptions(failByDrop=False)
+        factory.setProtocolOptions(failByDrop=False)
         loop = asyncio.get_event_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
@@ -97,12 +102,8 @@ class DrainingServer(Server):
             return
         asyncio.ensure_future(self.drain())
 
-    def _open_sockets(self) -> list[WebSocketProtocol]:
-        return [
-            protocol
-            for protocol in self.connections
-            if isinstance(protocol, WebSocketProtocol) and protocol.state == WebSocketProtocol.STATE_OPEN
-        ]
+    def _open_sockets(self) -> list[ServerCloseProtocol]:
+        return [protocol for protocol in ws_protocol.open_protocols if protocol.state == ServerCloseProtocol.STATE_OPEN]
 
     async def drain(self):
         state.start_draining()

@@ -3,7 +3,9 @@ a bounded queue per client, and a lean write path.
 
 Every fan-out delivery passes through here once per member socket, so the
 per-frame work is cut to what a frame needs: the frame is built once for every
-socket it goes to, and written to the socket at once.
+socket it goes to (``realtime.events.SharedFrame``), and, where Twisted's
+version is one the fast path was verified against (``realtime.compat``),
+written to the socket at once (``DirectWriteProtocol``).
 
 A client that stops reading must not grow the replica's memory. Twisted's
 transport buffers without limit; here the protocol is the transport's
@@ -21,13 +23,12 @@ from __future__ import annotations
 import collections
 import logging
 
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from daphne.ws_protocol import WebSocketProtocol
 from django.conf import settings
-from twisted.internet import tcp
 
-from realtime import close_codes
+from realtime import close_codes, compat
+from realtime.events import SharedFrame
 from realtime.replica import state
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 # The opcode bit that marks a control frame (close 0x8, ping 0x9, pong 0xA),
 # in the first byte of a frame this server sends.
 CONTROL_FRAME = 0x08
+
+# Every connection of the replica, for the drain to close (Daphne's own list
+# is no public API).
+open_protocols: set[ServerCloseProtocol] = set()
 
 
 def _metrics():
@@ -66,6 +71,7 @@ class ServerCloseProtocol(WebSocketProtocol):
 
     def connectionMade(self):
         super().connectionMade()
+        open_protocols.add(self)
         self._backlog: collections.deque[bytes] = collections.deque()
         self._backlog_bytes = 0
         self._paused = False
@@ -119,11 +125,6 @@ class ServerCloseProtocol(WebSocketProtocol):
         self._drop_backlog()
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
 
-    # The last text sent and its frame, shared by every socket of the replica:
-    # the fan-out layer sends the same str to each member of a room, and
-    # autobahn's prepared messages frame it once for all of them.
-    _prepared: tuple[str | None, PreparedMessage | None] = (None, None)
-
     def serverSend(self, content, binary=False):
         if self.state != self.STATE_OPEN:
             # Closing or closed: the client learns why from the close code;
@@ -134,10 +135,10 @@ class ServerCloseProtocol(WebSocketProtocol):
         if binary:
             super().serverSend(content, binary)
             return
-        text, prepared = ServerCloseProtocol._prepared
-        if text is not content:
+        if type(content) is SharedFrame:
+            prepared = content.prepared(self.factory)
+        else:
             prepared = self.factory.prepareMessage(content.encode("utf8"))
-            ServerCloseProtocol._prepared = (content, prepared)
         self.sendPreparedMessage(prepared)
 
     def sendData(self, data, sync=False, chopsize=None):
@@ -149,8 +150,11 @@ class ServerCloseProtocol(WebSocketProtocol):
             self.transport.write(data)
         elif self._paused or self._backlog:
             self._queue(data)
-        elif not write_now(self.transport, data):
-            self.transport.write(data)
+        else:
+            self.write_frame(data)
+
+    def write_frame(self, data: bytes) -> None:
+        self.transport.write(data)
 
     def _queue(self, data: bytes) -> None:
         self._backlog.append(data)
@@ -170,38 +174,16 @@ class ServerCloseProtocol(WebSocketProtocol):
         self.sendCloseFrame(code=close_codes.FELL_BEHIND, reasonUtf8=b"fell behind: reconnect and resume")
 
     def connectionLost(self, reason):
+        open_protocols.discard(self)
         self._drop_backlog()
         super().connectionLost(reason)
 
 
-def write_now(transport, data: bytes) -> bool:
-    """Write ``data`` to the socket at once when nothing is queued before it.
+class DirectWriteProtocol(ServerCloseProtocol):
+    """A frame with nothing queued before it goes to the socket at once
+    (``compat.write_now``) instead of waiting in Twisted's buffer for the
+    reactor's next turn."""
 
-    Twisted's TCP transport only buffers on ``write``: the bytes go out on the
-    reactor's next turn, after two epoll_ctl calls (watch for writable, then
-    stop) and a dispatch of the writable event, for every frame on every
-    socket. That is most of a fan-out delivery's cost after the send itself.
-    asyncio's transports try the send first; so does this. What the socket
-    does not take is handed to the transport, which sends it in order.
-    False (nothing written) leaves the frame to Twisted: TLS, a backlog, a
-    closing connection, an error to report. It reads the transport's buffer
-    attributes, which Twisted does not promise to keep:
-    tests/integration/test_replica_writes.py fails if order or bytes suffer.
-    """
-    if (
-        type(transport) is not tcp.Server
-        or transport.TLS
-        or not transport.connected
-        or transport.disconnecting
-        or transport._writeDisconnected
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
-    ):
-        return False
-    try:
-        sent = transport.socket.send(data)
-    except OSError:
-        return False
-    if sent < len(data):
-        transport.write(data[sent:])
-    return True
+    def write_frame(self, data: bytes) -> None:
+        if not compat.write_now(self.transport, data):
+            self.transport.write(data)

@@ -51,7 +51,7 @@ def test_debug_mode_runs_on_defaults_with_the_in_memory_layer():
     [
         ("redis", "channels_redis.core.RedisChannelLayer"),
         ("redis-pubsub", "channels_redis.pubsub.RedisPubSubChannelLayer"),
-        ("redis-fanout", "realtime.layers.FanoutChannelLayer"),
+        ("redis-fanout", "realtime.layers.fanout_or_stock"),
     ],
 )
 def test_channel_layer_selects_the_redis_backends(layer, backend):
