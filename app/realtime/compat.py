@@ -420,11 +420,11 @@ def report(lock: str | None) -> int:
             f"{'missing ' + ', '.join(missing) if missing else 'all present'}{changed}"
         )
     if locked:
-        others = sorted(
-            f"{name} {locked[name]} -> {importlib.metadata.version(name)}"
-            for name in locked
-            if name not in VERIFIED and _installed(name) not in (None, locked[name])
-        )
+        others = []
+        for name, version in sorted(locked.items()):
+            now = _installed(name)
+            if name not in VERIFIED and now not in (None, version):
+                others.append(f"{name} {version} -> {now}")
         print("other packages changed since the lock: " + (", ".join(others) or "none"))
     print("a replica on these versions would run:")
     for piece in PIECES:
