@@ -19,11 +19,11 @@ export PYTHONPATH := $(CURDIR)/app:$(CURDIR)
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(BIN)/.installed: requirements/app.lock requirements/dev.lock
+$(BIN)/.installed: requirements/app.lock requirements/loadtest.lock requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --require-hashes -r requirements/app.lock
-	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/loadtest.lock -r requirements/dev.lock
 	touch $@
 
 .PHONY: venv
@@ -35,7 +35,7 @@ system-packages: ## install redis-server and nginx with apt (as root), or name w
 
 .PHONY: lock
 lock: ## re-resolve requirements/*.in into the hashed lock files (needs uv)
-	cd requirements && for name in app dev checkov; do \
+	cd requirements && for name in app loadtest dev checkov; do \
 	  uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes $$name.in -o $$name.lock; \
 	done
 
@@ -130,21 +130,21 @@ WHEEL_ARCH := $(shell uname -m)
 WHEEL_PLATFORMS := $(foreach level,$(shell seq 17 36),--platform manylinux_2_$(level)_$(WHEEL_ARCH)) \
 	$(foreach tag,manylinux1 manylinux2010 manylinux2014,--platform $(tag)_$(WHEEL_ARCH))
 
-build/wheelhouse.stamp: requirements/app.lock | $(BIN)/.installed
+build/wheelhouse.stamp: requirements/app.lock requirements/loadtest.lock | $(BIN)/.installed
 	rm -rf $(WHEELHOUSE)
 	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --require-hashes --only-binary=:all: \
 	  --implementation cp --python-version 3.11 --abi cp311 $(WHEEL_PLATFORMS) \
-	  --dest $(WHEELHOUSE) -r requirements/app.lock
+	  --dest $(WHEELHOUSE) -r requirements/app.lock -r requirements/loadtest.lock
 	touch $@
 
 .PHONY: wheelhouse
 wheelhouse: build/wheelhouse.stamp ## download the locked wheels (hash-checked) that the image build installs offline
 
 .PHONY: images
-images: wheelhouse ## build the app and nginx images (on PYTHON_IMAGE / NGINX_IMAGE)
+images: wheelhouse ## build the app, load-test and nginx images (on PYTHON_IMAGE / NGINX_IMAGE)
 	@$(WITH_BASE_IMAGES) started=$$SECONDS; \
 	  echo "building on $${PYTHON_IMAGE:-the default python image} and $${NGINX_IMAGE:-the default nginx image}"; \
-	  $(COMPOSE) build daphne nginx; \
+	  $(COMPOSE) build daphne nginx locust-master; \
 	  echo "images built in $$((SECONDS - started)) s"
 
 .PHONY: images-offline
@@ -209,11 +209,11 @@ TOKEN ?=
 
 .PHONY: demo
 demo: venv system-packages ## local stack (redis, REPLICAS daphne, gunicorn, nginx) + fan-out check, then serve until Ctrl-C (PORT=8080)
-	@$(BIN)/python -m deploy.stack --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check --serve
+	@$(BIN)/python -m loadtest.demo --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check --serve
 
 .PHONY: check-fanout
 check-fanout: venv system-packages ## fan-out matrix and verdict on a fresh local stack, or on TARGET=url (TOKEN=, REPLICAS=)
-	@$(if $(TARGET),$(if $(TOKEN),BROADCAST_TOKEN='$(TOKEN)') $(BIN)/python -m loadtest.fanout_check --target '$(TARGET)' --expect-replicas $(REPLICAS),$(BIN)/python -m deploy.stack --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check)
+	@$(if $(TARGET),$(if $(TOKEN),BROADCAST_TOKEN='$(TOKEN)') $(BIN)/python -m loadtest.fanout_check --target '$(TARGET)' --expect-replicas $(REPLICAS),$(BIN)/python -m loadtest.demo --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check)
 
 # --- benchmark ---
 # make bench [BENCH_CONFIGS=raw,daphne-pubsub]   every configuration on fresh 3-replica local stacks, ≤ 15 min
@@ -247,7 +247,7 @@ canary: system-packages ## the fast path on the newest channels, channels-redis,
 	$(PYTHON) -m venv $(CANARY_VENV)
 	$(CANARY_VENV)/bin/pip install --quiet --upgrade pip
 	$(CANARY_VENV)/bin/pip install --quiet --require-hashes -r requirements/app.lock
-	$(CANARY_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	$(CANARY_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/loadtest.lock -r requirements/dev.lock
 	$(CANARY_VENV)/bin/pip install --quiet --upgrade $(CANARY_PACKAGES)
 	@export FAST_PATH=force; failed=; \
 	  $(CANARY_VENV)/bin/python -m realtime.compat --lock requirements/app.lock || failed="a name the fast path uses is gone"; \

@@ -2,30 +2,37 @@
 # The image's entrypoint: the first argument picks the role, the rest go to it.
 #   daphne            the WebSocket server (default), port 8000
 #   gunicorn          Django over WSGI (HTTP API, pages, static files), port 8001
-#   locust ARGS...    the load generator, with loadtest/ from the image
+#   locust ARGS...    the load generator (the loadtest image: locust and loadtest/)
 #   manage ARGS...    a manage.py command, e.g. `manage check --deploy`
 #   anything else     run as given (a shell, python, ...)
 # Every role is exec'd, so the server is PID 1 and receives SIGTERM itself.
 set -o errexit -o pipefail -o nounset
+
+# Every socket is an open file. Some runtimes start containers with a soft
+# limit of 1,024 (containerd 2.0, Docker 25 and later) under a far higher hard
+# one, which would cap a replica near 1,000 sockets whatever
+# WS_MAX_CONNECTIONS says. Raising the soft limit up to the hard one needs no
+# privilege; the hard limit stays the runtime's (or the node's) ceiling.
+hard_nofile=$(ulimit -Hn)
+if [ "$hard_nofile" = unlimited ]; then hard_nofile=$(cat /proc/sys/fs/nr_open); fi
+ulimit -Sn "$hard_nofile"
 
 role="${1:-daphne}"
 if [ "$#" -gt 0 ]; then shift; fi
 
 case "$role" in
     daphne)
-        # One name per replica on every frame (origin / served_by): the
-        # container hostname unless the orchestrator names the pod.
-        export POD_NAME="${POD_NAME:-$HOSTNAME}"
+        # One name per replica on every frame (origin / served_by): the pod's
+        # (Kubernetes), else daphne-<n> under compose, else the hostname.
+        export POD_NAME="${POD_NAME:-$(python -m deploy.replica_name daphne)}"
         # Daphne with the app's graceful drain on SIGTERM (realtime/server.py),
         # so a stopped replica closes its sockets with 1001 and they reconnect.
-        # --proxy-headers: the client address is nginx's X-Forwarded-For.
-        # Pings every 20 s keep idle sockets inside nginx's 75 s read timeout
-        # and find dead clients; one unanswered for 30 s is closed.
-        exec python -m realtime.server --bind 0.0.0.0 --port 8000 --proxy-headers \
-            --ping-interval 20 --ping-timeout 30 "$@" config.asgi:application
+        # Its options and application are realtime/command_line.py's, the same
+        # for the local stack and the tests; "$@" adds or overrides options.
+        exec python -m realtime.server --bind 0.0.0.0 --port 8000 "$@"
         ;;
     gunicorn)
-        export POD_NAME="${POD_NAME:-$HOSTNAME}"
+        export POD_NAME="${POD_NAME:-$(python -m deploy.replica_name gunicorn)}"
         # The workers' metrics add up through files here (realtime/metrics.py);
         # emptied at start, as files of a previous run would count twice.
         export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-/tmp/prometheus-multiproc}"

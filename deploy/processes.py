@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 # One line at a time from every pump thread, never interleaved mid-line.
 _LOG_LOCK = threading.Lock()
@@ -51,12 +51,14 @@ class ManagedProcess:
     """One command, started in its own process group, output as ``[name] line``."""
 
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, log: TextIO | None = None):
+                 cwd: str | Path | None = None, log: TextIO | None = None,
+                 hide: Callable[[str], bool] | None = None):
         self.name = name
         self.argv = argv
         self.env = env
         self.cwd = cwd
         self.log = log
+        self.hide = hide  # lines not worth a reader's time (access logs), kept out of ``log``
         self.popen: subprocess.Popen | None = None
         self._pump: threading.Thread | None = None
 
@@ -82,7 +84,9 @@ class ManagedProcess:
 
     def _forward(self, popen: subprocess.Popen) -> None:
         for raw in popen.stdout:
-            emit(self.log, f"[{self.name}] {raw.decode(errors='replace').rstrip()}")
+            line = raw.decode(errors="replace").rstrip()
+            if not (self.hide and self.hide(line)):
+                emit(self.log, f"[{self.name}] {line}")
         popen.stdout.close()
         emit(self.log, f"[{self.name}] exited with code {popen.wait()}")
 

@@ -4,16 +4,14 @@ redis-server (with a password), N Daphne replicas (POD_NAME daphne-1..N),
 gunicorn and nginx rendered from nginx/nginx.conf.template, all on free
 loopback ports. Started in dependency order and each waited on by its real
 readiness (/readyz, /nginx-health); every process's output is streamed with a
-``[name]`` prefix; Ctrl-C or SIGTERM stops them all, nothing left running.
-
-    python -m deploy.stack --check            # start, run the fan-out check, exit with its verdict
-    python -m deploy.stack --check --serve    # ... then keep serving until Ctrl-C (make demo)
+``[name]`` prefix (nginx's access log only with LOG_ACCESS=1); leaving the
+``with`` block stops them all, nothing left running. ``make demo`` and ``make
+check-fanout`` run it through loadtest/demo.py.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
+import re
 import os
 import secrets
 import shutil
@@ -31,17 +29,16 @@ from deploy.processes import ManagedProcess, stop_all
 from deploy.ports import free_ports, port_is_free
 from deploy.redis_server import RedisServer
 from deploy.render_nginx import render, values_for
+from realtime import command_line
 
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "app"
 CHANNEL_LAYERS = ("redis", "redis-pubsub", "redis-fanout", "memory")
 # What `make demo` runs; compose and Kubernetes set the same (a test holds them together).
 DEFAULT_CHANNEL_LAYER = "redis-fanout"
-# Daphne's keepalive, as the image's entrypoint runs it: the nginx template's
-# proxy_read_timeout sits above the interval (a test holds all three together).
-DAPHNE_PING_INTERVAL = 20
-DAPHNE_PING_TIMEOUT = 30
 GUNICORN_POD_NAME = "gunicorn"
+# nginx's access log lines (combined format), shown only with LOG_ACCESS=1.
+NGINX_ACCESS_LINE = re.compile(r"\S+ - \S+ \[")
 GUNICORN_WORKERS = 2
 # A first start on a busy 2-core machine imports Django in N+3 processes at once.
 STARTUP_TIMEOUT = 90.0
@@ -154,7 +151,8 @@ class LocalStack:
         config = runtime / "nginx.conf"
         config.write_text(self.nginx_config(runtime))
         self._processes["nginx"] = ManagedProcess(
-            "nginx", [nginx, "-e", "stderr", "-p", str(runtime), "-c", str(config)], log=self.log
+            "nginx", [nginx, "-e", "stderr", "-p", str(runtime), "-c", str(config)], log=self.log,
+            hide=None if command_line.access_log_on() else NGINX_ACCESS_LINE.match
         )
         self._processes["nginx"].start()
         self._wait_ready("nginx", f"{self.url}/nginx-health", deadline)
@@ -249,12 +247,8 @@ class LocalStack:
 
     @staticmethod
     def _daphne_argv(port: int) -> list[str]:
-        return [
-            # Daphne with the graceful drain (app/realtime/server.py), as in production.
-            sys.executable, "-m", "realtime.server", "-b", "127.0.0.1", "-p", str(port),
-            "--proxy-headers", "--ping-interval", str(DAPHNE_PING_INTERVAL), "--ping-timeout", str(DAPHNE_PING_TIMEOUT),
-            "config.asgi:application",
-        ]
+        # Daphne with the graceful drain (app/realtime/server.py), as in production.
+        return command_line.argv(sys.executable, "127.0.0.1", port)
 
     def _gunicorn_argv(self) -> list[str]:
         return [
@@ -282,68 +276,3 @@ class LocalStack:
                 raise StackError(f"{url} is answered by another server ({answer[1]!r}), not {name}: the port was taken")
             time.sleep(0.1)
         raise StackError(f"{name} was not ready at {url} within {STARTUP_TIMEOUT:.0f} s; last answer: {answer[0]} {answer[1]}")
-
-
-# --- command line -----------------------------------------------------------
-
-def _stop_on_signal(signum, frame):
-    # One orderly shutdown: further Ctrl-C / SIGTERM cannot cut it short
-    # (it is bounded by STOP_TIMEOUT, then SIGKILL).
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    from loadtest.fanout_check import run_fanout_check
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas", type=int, default=3, help="Daphne replicas (default 3)")
-    parser.add_argument("--port", type=int, help="nginx port (default: a free one)")
-    parser.add_argument("--channel-layer", default=DEFAULT_CHANNEL_LAYER, choices=CHANNEL_LAYERS)
-    parser.add_argument("--check", action="store_true", help="run the fan-out check once the stack is ready")
-    parser.add_argument("--serve", action="store_true", help="after the check, keep serving until Ctrl-C")
-    args = parser.parse_args(argv)
-    if args.replicas < 1:
-        parser.error("--replicas must be at least 1")
-    serve = args.serve or not args.check
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop_on_signal)
-    # A fixed token from the caller's environment, so a demo can be scripted.
-    env = {name: os.environ[name] for name in ("BROADCAST_TOKEN",) if os.environ.get(name)}
-    verdict = 0
-    try:
-        with LocalStack(replicas=args.replicas, port=args.port, channel_layer=args.channel_layer, env=env) as stack:
-            print(f"nginx listening on {stack.url}", flush=True)
-            if args.check:
-                report = asyncio.run(run_fanout_check(
-                    stack.url,
-                    # Every room needs a member on every replica.
-                    clients_per_room=max(10, args.replicas),
-                    expect_replicas=args.replicas,
-                    broadcast_token=stack.broadcast_token,
-                ))
-                print(report.render(), flush=True)
-                verdict = 0 if report.ok else 1
-            if serve:
-                print(
-                    f"chat: open {stack.url}/chat/lobby/ in two tabs (each shows the replica serving it)\n"
-                    f"broadcast API: curl -H 'Authorization: Bearer {stack.broadcast_token}' "
-                    f"-d '{{\"message\": \"hello\"}}' {stack.url}/api/rooms/lobby/messages\n"
-                    "serving until Ctrl-C",
-                    flush=True,
-                )
-                while True:
-                    signal.pause()
-    except KeyboardInterrupt:
-        print("stopped: every process of the stack has exited", flush=True)
-        return 130
-    except StackError as error:
-        print(f"stack failed to start: {error}", file=sys.stderr, flush=True)
-        return 1
-    return verdict
-
-
-if __name__ == "__main__":
-    sys.exit(main())

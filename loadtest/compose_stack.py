@@ -22,6 +22,7 @@ from deploy.ports import free_port
 REPO = Path(__file__).resolve().parents[1]
 APP_IMAGE = "channels-blueprint:0.1.0"
 NGINX_APP_IMAGE = "channels-blueprint-nginx:0.1.0"
+LOADTEST_IMAGE = "channels-blueprint-loadtest:0.1.0"
 # Output kept from a failed command, enough for a build or start error.
 FAILURE_TAIL = 4000
 
@@ -76,6 +77,12 @@ def docker_inspect(*ids: str) -> list[dict]:
 
 def image_size_mb(image: str) -> float:
     return docker_inspect(image)[0]["Size"] / 1e6
+
+
+def replica_name(container: dict) -> str:
+    """``<service>-<number>``, the name a replica takes under compose, from docker inspect."""
+    labels = container["Config"]["Labels"]
+    return f"{labels['com.docker.compose.service']}-{labels['com.docker.compose.container-number']}"
 
 
 @dataclass
@@ -136,9 +143,10 @@ class ComposeStack:
         return ids[0]
 
     def hostnames(self, service: str = "daphne") -> dict[str, str]:
-        """hostname (the replica's POD_NAME) -> container id, for the running containers."""
+        """The replica's name (its POD_NAME: ``daphne-2``, deploy/replica_name.py)
+        -> container id, for the running containers."""
         ids = self.containers(service)
-        return {c["Config"]["Hostname"]: c["Id"] for c in docker_inspect(*ids)} if ids else {}
+        return {replica_name(c): c["Id"] for c in docker_inspect(*ids)} if ids else {}
 
     def inspect(self, container: str) -> dict:
         return docker_inspect(container)[0]

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from deploy.ports import free_port
+from realtime import command_line
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,7 +74,7 @@ class Daphne:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "Daphne":
-        args = [sys.executable, "-m", "realtime.server", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"]
+        args = command_line.argv(sys.executable, "127.0.0.1", self.port)
         self.process = start(args, self.env)
         wait_for(lambda: status_of(f"http://{self.base}{self.wait_path}") == 200, 30, f"{self.name} {self.wait_path}")
         return self

@@ -1,4 +1,5 @@
-"""Daphne with a graceful drain: ``python -m realtime.server <daphne args>``.
+"""Daphne with a graceful drain: ``python -m realtime.server --bind HOST --port PORT``
+(realtime.command_line adds the production options and the application).
 
 Stock Daphne stops its reactor on SIGTERM and cancels every consumer, so each
 client sees an abrupt 1006 and nothing leaves its groups cleanly. This server
@@ -29,12 +30,13 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from twisted.internet import reactor
 
-from realtime import close_codes, compat, ws_protocol
+from realtime import close_codes, command_line, compat, ws_protocol
 from realtime.replica import state
 from realtime.ws_protocol import DirectWriteProtocol, ServerCloseProtocol
 
@@ -130,4 +132,4 @@ class DrainingCommandLine(CommandLineInterface):
 
 
 if __name__ == "__main__":
-    DrainingCommandLine.entrypoint()
+    DrainingCommandLine().run(command_line.complete(sys.argv[1:]))

@@ -224,7 +224,11 @@ def sentinel_failover(promotion_timeout: float = 60) -> Fault:
             await asyncio.sleep(0.5)
         window.outage_seconds = time.time() - window.start
         window.checks["a replica was promoted"] = bool(promoted and promoted != old)
-        window.notes.append(f"promoted after {window.outage_seconds:.1f} s")
+        # Each election the Sentinels held starts a new epoch: more than one
+        # means split votes, each retried after twice the failover timeout.
+        log = (await asyncio.to_thread(run, ["docker", "logs", chaos.stack.one("sentinel-1")], 30)).stdout
+        elections = log.count("+new-epoch")
+        window.notes.append(f"promoted after {window.outage_seconds:.1f} s ({elections} election{'s' * (elections != 1)})")
         await chaos.docker("start", old)  # back as a replica of the new master
         window.end = time.time()
         return window

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from loadtest.compose_stack import ComposeStack, docker_inspect
+from loadtest.compose_stack import ComposeStack, docker_inspect, replica_name
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SAMPLE_SECONDS = 1.0
@@ -23,7 +23,7 @@ DAPHNE_PORT = 8000
 @dataclass(frozen=True)
 class Sample:
     at: float  # time.time()
-    replica: str  # container hostname: the replica's POD_NAME
+    replica: str  # the replica's POD_NAME
     running: bool
     ready: bool
     rss_bytes: int
@@ -77,7 +77,7 @@ class Observer:
             running = bool(state["Running"]) and not state["Paused"]
             address = next(iter(container["NetworkSettings"]["Networks"].values()), {}).get("IPAddress")
             found.append(Sample(
-                now, container["Config"]["Hostname"], running,
+                now, replica_name(container), running,
                 running and bool(address) and ready(address),
                 rss_bytes(state["Pid"]) if running else 0,
             ))

@@ -11,6 +11,7 @@ import pytest
 from tests.required import unavailable
 from loadtest.compose_stack import (
     APP_IMAGE,
+    LOADTEST_IMAGE,
     NGINX_APP_IMAGE,
     REPO,
     ComposeStack,
@@ -57,7 +58,7 @@ def offline_images(docker_engine) -> dict:
     base = dict(line.split("=", 1) for line in (REPO / "build" / "base-images.env").read_text().split())
     return {
         "build_seconds": build_seconds,
-        "sizes_mb": {image: image_size_mb(image) for image in (APP_IMAGE, NGINX_APP_IMAGE, *base.values())},
+        "sizes_mb": {image: image_size_mb(image) for image in (APP_IMAGE, LOADTEST_IMAGE, NGINX_APP_IMAGE, *base.values())},
         "base": base,
     }
 

@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from deploy.render_nginx import values_for
-from deploy.stack import DAPHNE_PING_INTERVAL, DAPHNE_PING_TIMEOUT
 from loadtest.compose_stack import APP_IMAGE, COMPOSE_FILE, NGINX_APP_IMAGE, REPO, compose_variables
 
 ENV_EXAMPLE = REPO / ".env.example"
@@ -91,9 +90,3 @@ def test_scaled_service_has_no_fixed_name_or_host_port():
     daphne = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["daphne"]
     assert "container_name" not in daphne and "ports" not in daphne
     assert "POD_NAME" not in daphne["environment"]
-
-
-def test_daphne_pings_like_the_local_stack():
-    entrypoint = (REPO / "deploy" / "entrypoint.sh").read_text()
-    assert f"--ping-interval {DAPHNE_PING_INTERVAL} --ping-timeout {DAPHNE_PING_TIMEOUT} " in entrypoint
-    assert "-m realtime.server " in entrypoint, "the replicas run Daphne with the graceful drain"

@@ -98,7 +98,7 @@ def readme() -> str:
 
 
 def readme_images(text: str) -> set[str]:
-    return set(re.findall(r"\bchannels-blueprint(?:-nginx)?:[\w.-]+", text))
+    return set(re.findall(r"\bchannels-blueprint(?:-nginx|-loadtest)?:[\w.-]+", text))
 
 
 def readme_ports(text: str) -> dict[str, int]:

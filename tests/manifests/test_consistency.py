@@ -37,6 +37,7 @@ pytestmark = pytest.mark.manifests
 
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
 APP_IMAGE_REPOSITORY = "channels-blueprint"
+LOADTEST_IMAGE_REPOSITORY = "channels-blueprint-loadtest"
 # Found, not imported: importing locust monkey-patches the process with gevent.
 LOCUST_PACKAGE = Path(importlib.util.find_spec("locust").origin).parent
 # Read by a program that is not Python or shell in this repository.
@@ -137,18 +138,20 @@ def test_app_image_workloads_run_an_entrypoint_role(name):
     roles = set(re.findall(r"^\s*([a-z]+)\)$", sources.ENTRYPOINT.read_text(), re.M))
     for workload in workloads(render(name)):
         spec = container(workload)
-        if spec["image"].split(":")[0] == APP_IMAGE_REPOSITORY:
+        if spec["image"].split(":")[0] in (APP_IMAGE_REPOSITORY, LOADTEST_IMAGE_REPOSITORY):
             assert "command" not in spec, "the image's entrypoint must stay in charge"
             assert spec["args"][0] in roles, f"{workload['metadata']['name']}: {spec['args'][0]!r} is not a role"
 
 
 def test_one_app_image_tag_everywhere():
+    """The app and load-test images are built together: one tag for both."""
     images = {
         container(w)["image"]
         for name in KUSTOMIZATIONS for w in workloads(render(name))
-        if container(w)["image"].split(":")[0] == APP_IMAGE_REPOSITORY
+        if container(w)["image"].split(":")[0] in (APP_IMAGE_REPOSITORY, LOADTEST_IMAGE_REPOSITORY)
     }
-    assert len(images) == 1, images
+    assert len({image.split(":")[1] for image in images}) == 1, images
+    assert {image.split(":")[0] for image in images} == {APP_IMAGE_REPOSITORY, LOADTEST_IMAGE_REPOSITORY}
 
 
 def _source_texts(paths) -> str:
@@ -172,10 +175,11 @@ def test_every_variable_is_read_by_what_receives_it(name):
     for workload in workloads(docs):
         spec = container(workload)
         repository = spec["image"].split(":")[0]
-        if repository == APP_IMAGE_REPOSITORY:
-            readers = locust_code if spec["args"][0] == "locust" else app_code
-        else:  # redis reads no variable itself: only $(...) and READ_ELSEWHERE ones
-            readers = nginx_code if repository == "channels-blueprint-nginx" else ""
+        readers = {
+            APP_IMAGE_REPOSITORY: app_code,
+            LOADTEST_IMAGE_REPOSITORY: locust_code,
+            "channels-blueprint-nginx": nginx_code,
+        }.get(repository, "")  # redis reads no variable itself: only $(...) and READ_ELSEWHERE ones
         referenced = set(re.findall(r"\$\(([A-Z0-9_]+)\)", json.dumps(spec)))
         for variable in env_names(workload, docs):
             if variable in referenced or variable in READ_ELSEWHERE:
@@ -334,7 +338,8 @@ def test_compose_passes_every_variable_kubernetes_sets(role, name):
 
 def test_readme_names_the_images_kubernetes_runs():
     docs = render("dev")
-    expected = {image(docs, "Deployment", "daphne"), image(docs, "Deployment", "nginx")}
+    expected = {image(docs, "Deployment", "daphne"), image(docs, "Deployment", "nginx"),
+                image(render("loadtest"), "Job", "locust-master")}
     assert sources.readme_images(sources.readme()) == expected
 
 

@@ -1,6 +1,7 @@
 """The one nginx config: each way of running renders the same template, and nginx accepts every rendering."""
 import os
 import re
+import sys
 import subprocess
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 
 from deploy import render_nginx
 from deploy.render_nginx import TEMPLATE, render, values_for
-from deploy.stack import DAPHNE_PING_INTERVAL, DAPHNE_PING_TIMEOUT, LocalStack, nginx_binary
+from deploy.stack import LocalStack, nginx_binary
+from realtime import command_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,7 +90,7 @@ def locations(config: str) -> dict[str, str]:
 def test_websocket_location_outlives_daphnes_ping():
     config = directives(TEMPLATE.read_text())
     read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", locations(config)["/ws/"]).group(1))
-    assert read_timeout > DAPHNE_PING_INTERVAL, "an idle socket would be cut between two pings"
+    assert read_timeout > command_line.PING_INTERVAL_SECONDS, "an idle socket would be cut between two pings"
 
 
 # What nginx must set (or clear, with "") on every proxied request: every
@@ -150,7 +152,11 @@ def test_there_is_one_nginx_config():
     assert copies == [], f"nginx config copied outside {TEMPLATE.relative_to(REPO)}: {copies}"
 
 
-def test_the_local_stack_pings_like_the_image():
+def test_the_image_the_local_stack_and_the_tests_start_replicas_with_one_command_line():
+    """Nobody adds options of their own: realtime.server adds production's (command_line.py)."""
     entrypoint = (REPO / "deploy" / "entrypoint.sh").read_text()
-    assert re.findall(r"--ping-interval (\d+)", entrypoint) == [str(DAPHNE_PING_INTERVAL)]
-    assert re.findall(r"--ping-timeout (\d+)", entrypoint) == [str(DAPHNE_PING_TIMEOUT)]
+    assert re.findall(r"exec python -m realtime\.server (.*)", entrypoint) == ['--bind 0.0.0.0 --port 8000 "$@"']
+    assert LocalStack._daphne_argv(1) == command_line.argv(sys.executable, "127.0.0.1", 1)
+    assert "command_line.argv(" in (REPO / "tests" / "processes.py").read_text()
+    assert command_line.complete(["--bind", "h"])[-1] == command_line.APPLICATION
+    assert "--ping-interval" in command_line.complete([])
