@@ -68,6 +68,13 @@ if [ -n "$missing" ]; then
     exit 1
 fi
 
+# Every proxied WebSocket is two open files. Raise the soft open-file limit to
+# the hard one, as the app image's entrypoint does (deploy/entrypoint.sh says
+# why); the template's worker_rlimit_nofile then sets the workers' own.
+hard_nofile=$(ulimit -H -n)
+if [ "$hard_nofile" = unlimited ]; then hard_nofile=$(cat /proc/sys/fs/nr_open); fi
+ulimit -S -n "$hard_nofile"
+
 mkdir -p "$NGINX_RUNTIME_DIR"
 config="$NGINX_RUNTIME_DIR/nginx.conf"
 # envsubst's SHELL-FORMAT argument limits it to the template's placeholders.
