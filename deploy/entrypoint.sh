@@ -17,15 +17,6 @@ hard_nofile=$(ulimit -Hn)
 if [ "$hard_nofile" = unlimited ]; then hard_nofile=$(cat /proc/sys/fs/nr_open); fi
 ulimit -Sn "$hard_nofile"
 
-# Every socket is an open file. Some runtimes start containers with a soft
-# limit of 1,024 (containerd 2.0, Docker 25 and later) under a far higher hard
-# one, which would cap a replica near 1,000 sockets whatever
-# WS_MAX_CONNECTIONS says. Raising the soft limit up to the hard one needs no
-# privilege; the hard limit stays the runtime's (or the node's) ceiling.
-hard_nofile=$(ulimit -Hn)
-if [ "$hard_nofile" = unlimited ]; then hard_nofile=$(cat /proc/sys/fs/nr_open); fi
-ulimit -Sn "$hard_nofile"
-
 role="${1:-daphne}"
 if [ "$#" -gt 0 ]; then shift; fi
 
