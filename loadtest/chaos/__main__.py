@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("loadtest/reports/chaos"),
                         help="report path without suffix: .json, .md and .png are written")
     args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("run as root: a Redis cut runs iptables inside a replica's network namespace (nsenter)")
     started = time.monotonic()
 
     def log(line: str) -> None:
