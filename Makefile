@@ -11,8 +11,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Servers the local stack and the tests run as real processes, and the browser
 # the browser tests drive (Debian's chromium: playwright never downloads one),
-# and mmdebstrap, which builds the container tests' base images with no registry.
-SYSTEM_PACKAGES := redis-server nginx-light chromium mmdebstrap
+# mmdebstrap, which builds the container tests' base images with no registry,
+# and Prometheus (for promtool), which `make k8s-check` runs on the alerts.
+PROMTOOL_PACKAGE := prometheus
+SYSTEM_PACKAGES := redis-server nginx-light chromium mmdebstrap $(PROMTOOL_PACKAGE)
 export PYTHONPATH := $(CURDIR)/app:$(CURDIR)
 
 .PHONY: help
@@ -94,7 +96,8 @@ $(CHECKOV_VENV)/.installed: requirements/checkov.lock
 checkov-venv: $(CHECKOV_VENV)/.installed ## create .venv-checkov (the manifest policy scanner) from its lock
 
 .PHONY: k8s-check
-k8s-check: venv checkov-venv ## render the k8s overlays and loadtest; schema, policy and consistency checks
+k8s-check: venv checkov-venv ## render the k8s overlays and loadtest; schema, policy, promtool and consistency checks
+	@deploy/system-packages.sh $(PROMTOOL_PACKAGE)
 	@echo "kubectl kustomize:"
 	@$(BIN)/python -m tests.manifests.render $(K8S_RENDERED)
 	$(BIN)/pytest -q -m manifests tests/manifests

@@ -71,8 +71,12 @@ fi
 # Every proxied WebSocket is two open files. Raise the soft open-file limit to
 # the hard one, as the app image's entrypoint does (deploy/entrypoint.sh says
 # why); the template's worker_rlimit_nofile then sets the workers' own.
+# POSIX leaves ulimit's -H and -S out; dash and busybox ash, the two shells
+# this runs on, have both.
+# shellcheck disable=SC3045
 hard_nofile=$(ulimit -H -n)
 if [ "$hard_nofile" = unlimited ]; then hard_nofile=$(cat /proc/sys/fs/nr_open); fi
+# shellcheck disable=SC3045
 ulimit -S -n "$hard_nofile"
 
 mkdir -p "$NGINX_RUNTIME_DIR"

@@ -24,9 +24,12 @@ KUBERNETES_VERSION = "1.37.0"
 OVERLAYS = ("dev", "staging", "production")
 # Name -> (directory, extra kubectl kustomize flags). k8s/loadtest reads the
 # repository's loadtest/ package, outside its own directory (see its kustomization).
+# "monitoring" is production with the opt-in monitoring component
+# (k8s/components/monitoring), as an overlay that includes it renders.
 KUSTOMIZATIONS = {
     **{name: (K8S / "overlays" / name, ()) for name in OVERLAYS},
     "loadtest": (K8S / "loadtest", ("--load-restrictor", "LoadRestrictionsNone")),
+    "monitoring": (ROOT / "tests" / "manifests" / "monitoring", ()),
 }
 
 

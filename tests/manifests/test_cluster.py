@@ -7,6 +7,7 @@ The numbers the sums use are measured or stated once: the app's memory per
 idle socket in the kept benchmark run (loadtest/results/bench.json, README
 "Performance"), and the figures below, each with how it was found.
 """
+
 from __future__ import annotations
 
 import json
@@ -144,7 +145,10 @@ def test_the_app_entrypoint_raises_the_soft_open_file_limit_to_the_hard_one():
     catch-all role runs the given command with the limit it set."""
     result = subprocess.run(
         ["prlimit", "--nofile=1024:4096", "bash", str(sources.ENTRYPOINT), "sh", "-c", "ulimit -Sn"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["4096"]
@@ -173,7 +177,9 @@ def _app_setting(docs, workload: dict, variable: str) -> int:
 
 
 def _daphne_replicas_at_most(docs) -> int:
-    autoscalers = [h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "daphne"]
+    autoscalers = [
+        h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "daphne"
+    ]
     if autoscalers:
         return autoscalers[0]["spec"]["maxReplicas"]
     return find(docs, "Deployment", "daphne")["spec"].get("replicas", 1)
@@ -201,10 +207,11 @@ def test_daphne_refuses_sockets_before_its_memory_limit_is_reached(name):
     daphne = find(docs, "Deployment", "daphne")
     limit = _quantity(container(daphne)["resources"]["limits"]["memory"])
     sockets = _app_setting(docs, daphne, "WS_MAX_CONNECTIONS")
-    bounds = _app_setting(docs, daphne, "WS_MAX_PENDING_BYTES_TOTAL") + _app_setting(docs, daphne, "FANOUT_MAX_BACKLOG_BYTES")
+    # Bytes the app lets slow clients' queues and the fan-out backlog hold.
+    bounds = sum(_app_setting(docs, daphne, v) for v in ("WS_MAX_PENDING_BYTES_TOTAL", "FANOUT_MAX_BACKLOG_BYTES"))
     needed = DAPHNE_AT_REST + bounds + sockets * _bench_kib_per_socket() * KIB
     assert needed <= limit, (
-        f"{name}: {sockets} sockets need {needed / MIB:.0f} MiB with the queue bounds, the limit is {limit / MIB:.0f} MiB"
+        f"{name}: {sockets} sockets need {needed / MIB:.0f} MiB with the queue bounds, limit {limit / MIB:.0f} MiB"
     )
 
 
@@ -216,7 +223,9 @@ def test_nginx_holds_its_share_of_every_socket_daphne_may_accept(name):
     assert per_pod <= EPHEMERAL_PORTS, "more sockets than local ports to Daphne's Service"
     limit = _quantity(container(nginx)["resources"]["limits"]["memory"])
     needed = NGINX_AT_REST + per_pod * NGINX_PER_SOCKET
-    assert needed <= limit, f"{name}: nginx at {per_pod} sockets needs {needed / MIB:.0f} MiB, the limit is {limit / MIB:.0f}"
+    assert needed <= limit, (
+        f"{name}: nginx at {per_pod} sockets needs {needed / MIB:.0f} MiB, the limit is {limit / MIB:.0f}"
+    )
     sockets = _daphne_replicas_at_most(docs) * _app_setting(docs, daphne, "WS_MAX_CONNECTIONS")
     pods = nginx["spec"].get("replicas", 1)
     assert pods * per_pod >= sockets, (
