@@ -12,9 +12,10 @@ BIN := $(VENV)/bin
 # Servers the local stack and the tests run as real processes, and the browser
 # the browser tests drive (Debian's chromium: playwright never downloads one),
 # mmdebstrap, which builds the container tests' base images with no registry,
-# and Prometheus (for promtool), which `make k8s-check` runs on the alerts.
+# shellcheck, which `make lint` runs on the shell scripts, and Prometheus
+# (for promtool), which `make k8s-check` runs on the alerts.
 PROMTOOL_PACKAGE := prometheus
-SYSTEM_PACKAGES := redis-server nginx-light chromium mmdebstrap $(PROMTOOL_PACKAGE)
+SYSTEM_PACKAGES := redis-server nginx-light chromium mmdebstrap shellcheck $(PROMTOOL_PACKAGE)
 export PYTHONPATH := $(CURDIR)/app:$(CURDIR)
 
 .PHONY: help
@@ -42,8 +43,16 @@ lock: ## re-resolve requirements/*.in into the hashed lock files (needs uv)
 	done
 
 .PHONY: test
-test: venv system-packages ## run the whole test suite
+test: venv system-packages lint ## run the whole test suite (after the linters)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+SHELL_SCRIPTS := .ci/run $(wildcard deploy/*.sh deploy/images/*.sh nginx/*.sh)
+
+.PHONY: lint
+lint: venv system-packages ## ruff (lint and format, pyproject.toml) and shellcheck on the shell scripts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	shellcheck $(SHELL_SCRIPTS)
 
 # make fuzz [FUZZ_EXAMPLES=2000]   the frame fuzzer (make test runs it with 150 examples) for longer
 FUZZ_EXAMPLES ?= 2000

@@ -21,6 +21,7 @@ import time
 from base64 import b64encode
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable
 
 from loadtest.chaos.observer import _HTTP, DAPHNE_PORT, Observer
@@ -131,6 +132,7 @@ def scale(steps: tuple[int, ...] = (5, 2, 3), pause: float = 10.0) -> Fault:
             chaos.replicas = count
             window.notes.append(f"{count} replicas at +{time.time() - window.start:.0f} s")
             await asyncio.sleep(pause)
+        await old_nginx_workers_gone(chaos, window)
         window.end = time.time()
         return window
     return fault
@@ -307,10 +309,35 @@ def slow_members(count: int = 3, limit: float = 60) -> Fault:
     return fault
 
 
+def old_nginx_workers(master_pid: int) -> int:
+    """nginx workers still finishing after a reload: they hold the sockets
+    opened before it, until worker_shutdown_timeout closes them."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master_pid:
+                count += b"shutting down" in (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+    return count
+
+
+async def old_nginx_workers_gone(chaos: Chaos, window: Window, timeout: float = 90) -> None:
+    """The end of a reload: its old workers have closed their sockets (the
+    members reconnect and resume), so what that costs counts in this window."""
+    master = chaos.stack.host_pid(chaos.stack.one("nginx"))
+    started = time.monotonic()
+    while old_nginx_workers(master) and time.monotonic() - started < timeout:
+        await asyncio.sleep(0.5)
+    window.checks["old nginx workers gone"] = not old_nginx_workers(master)
+    window.notes.append(f"old nginx workers gone after {time.monotonic() - started:.0f} s")
+
+
 def reload_nginx() -> Fault:
     async def fault(chaos: Chaos) -> Window:
         window = Window("nginx reloaded", "reload", time.time())
         await chaos.docker("exec", chaos.stack.one("nginx"), "/etc/nginx/blueprint/docker-entrypoint.sh", "reload")
+        await old_nginx_workers_gone(chaos, window)
         window.end = time.time()
         return window
     return fault

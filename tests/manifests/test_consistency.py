@@ -458,3 +458,11 @@ def test_a_replica_cut_from_redis_leaves_the_service_within_the_stall_the_chaos_
     probe = container(find(render(name), "Deployment", "daphne"))["readinessProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] <= STALL_ALLOWANCE_SECONDS
 
+
+def test_compose_lets_nginx_finish_its_graceful_stop():
+    """nginx stops on SIGQUIT and lets its workers finish for worker_shutdown_timeout:
+    compose must not kill it first (Kubernetes' grace period is tested with the manifests)."""
+    timeout = _seconds(re.search(r"^worker_shutdown_timeout (\w+);", sources.NGINX_TEMPLATE.read_text(), re.M).group(1))
+    grace = _seconds(_compose_service(sources.compose_services(), "nginx")["stop_grace_period"])
+    assert grace > timeout, f"compose stops nginx after {grace} s, its workers may take {timeout} s"
+
