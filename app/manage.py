@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Django's command-line utility for the blueprint (runserver, collectstatic, check)."""
+
 import os
 import sys
 

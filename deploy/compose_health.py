@@ -6,6 +6,7 @@ the wait at once with its last log lines.
 
     python -m deploy.compose_health --timeout 180 CONTAINER_ID...
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 The workers share their Prometheus metrics through PROMETHEUS_MULTIPROC_DIR;
 a worker that exits must be marked dead there, or its live gauges keep counting.
 """
+
 from prometheus_client import multiprocess
 
 

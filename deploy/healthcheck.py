@@ -6,6 +6,7 @@ so Docker's HEALTHCHECK and compose run this with the image's own Python:
     python -m deploy.healthcheck http://127.0.0.1:8000/healthz
     python -m deploy.healthcheck tcp://locust-master:5557    # a port accepts connections
 """
+
 from __future__ import annotations
 
 import socket

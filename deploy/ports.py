@@ -1,4 +1,5 @@
 """Free loopback ports for servers started on this machine."""
+
 from __future__ import annotations
 
 import socket

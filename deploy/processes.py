@@ -5,6 +5,7 @@ that also holds whatever it forks (nginx and gunicorn workers). Stopping
 signals the whole group: SIGTERM, then SIGKILL after a timeout. A terminal's
 Ctrl-C reaches only the runner, which then stops the children in its own order.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 # One line at a time from every pump thread, never interleaved mid-line.
 _LOG_LOCK = threading.Lock()
@@ -50,9 +52,16 @@ def group_members(pgid: int) -> list[int]:
 class ManagedProcess:
     """One command, started in its own process group, output as ``[name] line``."""
 
-    def __init__(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, log: TextIO | None = None,
-                 hide: Callable[[str], bool] | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        log: TextIO | None = None,
+        hide: Callable[[str], bool] | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.env = env
@@ -79,7 +88,9 @@ class ManagedProcess:
             start_new_session=True,
         )
         if self.log:
-            self._pump = threading.Thread(target=self._forward, args=(self.popen,), name=f"log-{self.name}", daemon=True)
+            self._pump = threading.Thread(
+                target=self._forward, args=(self.popen,), name=f"log-{self.name}", daemon=True
+            )
             self._pump.start()
 
     def _forward(self, popen: subprocess.Popen) -> None:

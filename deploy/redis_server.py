@@ -1,4 +1,5 @@
 """A real redis-server on a loopback port: the local stack's channel layer and the tests' Redis."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,9 @@ class RedisServer:
     def __init__(self, port: int | None = None, password: str | None = None, log: TextIO | None = None):
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not shutil.which(binary):
-            raise RuntimeError("redis-server is not installed: apt-get install redis-server (make test installs it in CI)")
+            raise RuntimeError(
+                "redis-server is not installed: apt-get install redis-server (make test installs it in CI)"
+            )
         self.binary = binary
         self.port = port or free_port()
         self.password = password

@@ -7,6 +7,7 @@ placeholder, is an error: a rendering never ships half-filled.
     python -m deploy.render_nginx --port 8080 --runtime-dir /tmp/nginx \
         --daphne 127.0.0.1:8001,127.0.0.1:8002 --gunicorn 127.0.0.1:8100 -o nginx.conf
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ replica is then ``daphne-2``, and gunicorn ``gunicorn-1``. The query goes to
 the resolver itself: the C library would answer it from /etc/hosts, which
 holds only the hostname. Anywhere else, the hostname.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,7 @@ def _name_at(packet: bytes, offset: int) -> str:
             offset = struct.unpack_from("!H", packet, offset)[0] & 0x3FFF
             continue
         length = packet[offset]
-        labels.append(packet[offset + 1:offset + 1 + length].decode())
+        labels.append(packet[offset + 1 : offset + 1 + length].decode())
         offset += 1 + length
     return ".".join(labels)
 
@@ -53,8 +54,10 @@ def _name_at(packet: bytes, offset: int) -> str:
 def reverse_lookup(address: str, server: str) -> str | None:
     """The first PTR answer for an IPv4 address, asked of ``server`` over UDP."""
     query_id = int.from_bytes(os.urandom(2), "big")
-    question = b"".join(bytes([len(part)]) + part.encode()
-                        for part in [*reversed(address.split(".")), "in-addr", "arpa"]) + b"\0"
+    question = (
+        b"".join(bytes([len(part)]) + part.encode() for part in [*reversed(address.split(".")), "in-addr", "arpa"])
+        + b"\0"
+    )
     packet = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", 12, 1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(TIMEOUT_SECONDS)

@@ -8,11 +8,12 @@ readiness (/readyz, /nginx-health); every process's output is streamed with a
 ``with`` block stops them all, nothing left running. ``make demo`` and ``make
 check-fanout`` run it through loadtest/demo.py.
 """
+
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,14 +23,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
-from deploy.processes import ManagedProcess, stop_all
+from realtime import command_line
+
 from deploy.ports import free_ports, port_is_free
+from deploy.processes import ManagedProcess, stop_all
 from deploy.redis_server import RedisServer
 from deploy.render_nginx import render, values_for
-from realtime import command_line
 
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "app"
@@ -73,9 +76,15 @@ def probe(url: str, timeout: float = 2.0) -> tuple[int | None, str]:
 class LocalStack:
     """Context manager: ``with LocalStack(replicas=3) as stack: ... stack.url ...``."""
 
-    def __init__(self, replicas: int = 3, port: int | None = None, channel_layer: str = DEFAULT_CHANNEL_LAYER,
-                 env: dict[str, str] | None = None, log: TextIO | None = None,
-                 replica_command: Callable[[int], list[str]] | None = None):
+    def __init__(
+        self,
+        replicas: int = 3,
+        port: int | None = None,
+        channel_layer: str = DEFAULT_CHANNEL_LAYER,
+        env: dict[str, str] | None = None,
+        log: TextIO | None = None,
+        replica_command: Callable[[int], list[str]] | None = None,
+    ):
         """``replica_command(port)``, when given, is the argv of a replica server to
         run instead of Daphne (the capacity benchmark's raw baseline): it must
         listen on 127.0.0.1:port and answer /readyz with its POD_NAME as Daphne does."""
@@ -91,7 +100,7 @@ class LocalStack:
         self.replica_command = replica_command or self._daphne_argv
         self.replica_names = [f"daphne-{index}" for index in range(1, replicas + 1)]
         *replica_ports, self.gunicorn_port, redis_port, nginx_port = free_ports(replicas + 3)
-        self.replica_ports = dict(zip(self.replica_names, replica_ports))
+        self.replica_ports = dict(zip(self.replica_names, replica_ports, strict=True))
         self.port = port or nginx_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.broadcast_token = self.extra_env.get("BROADCAST_TOKEN") or secrets.token_urlsafe(32)
@@ -129,8 +138,9 @@ class LocalStack:
         self._collectstatic(env)
 
         for name, port in self.replica_ports.items():
-            self._processes[name] = ManagedProcess(name, self.replica_command(port), env={**env, "POD_NAME": name},
-                                                   cwd=APP_DIR, log=self.log)
+            self._processes[name] = ManagedProcess(
+                name, self.replica_command(port), env={**env, "POD_NAME": name}, cwd=APP_DIR, log=self.log
+            )
         # gunicorn's workers add up their metrics through shared files.
         metrics_dir = self._workdir / "gunicorn-metrics"
         metrics_dir.mkdir()
@@ -151,8 +161,10 @@ class LocalStack:
         config = runtime / "nginx.conf"
         config.write_text(self.nginx_config(runtime))
         self._processes["nginx"] = ManagedProcess(
-            "nginx", [nginx, "-e", "stderr", "-p", str(runtime), "-c", str(config)], log=self.log,
-            hide=None if command_line.access_log_on() else NGINX_ACCESS_LINE.match
+            "nginx",
+            [nginx, "-e", "stderr", "-p", str(runtime), "-c", str(config)],
+            log=self.log,
+            hide=None if command_line.access_log_on() else NGINX_ACCESS_LINE.match,
         )
         self._processes["nginx"].start()
         self._wait_ready("nginx", f"{self.url}/nginx-health", deadline)
@@ -197,15 +209,22 @@ class LocalStack:
 
     @property
     def ports(self) -> dict[str, int]:
-        return {"nginx": self.port, "redis": self.redis.port, GUNICORN_POD_NAME: self.gunicorn_port, **self.replica_ports}
+        return {
+            "nginx": self.port,
+            "redis": self.redis.port,
+            GUNICORN_POD_NAME: self.gunicorn_port,
+            **self.replica_ports,
+        }
 
     def nginx_config(self, runtime_dir: Path) -> str:
-        return render(values_for(
-            port=self.port,
-            runtime_dir=str(runtime_dir),
-            daphne=[f"127.0.0.1:{port}" for port in self.replica_ports.values()],
-            gunicorn=[f"127.0.0.1:{self.gunicorn_port}"],
-        ))
+        return render(
+            values_for(
+                port=self.port,
+                runtime_dir=str(runtime_dir),
+                daphne=[f"127.0.0.1:{port}" for port in self.replica_ports.values()],
+                gunicorn=[f"127.0.0.1:{self.gunicorn_port}"],
+            )
+        )
 
     # --- internals ----------------------------------------------------------
 
@@ -220,27 +239,33 @@ class LocalStack:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)]),
-            # Whatever the caller runs under (pytest sets tests.settings), the
-            # servers run the production settings.
-            "DJANGO_SETTINGS_MODULE": "config.settings",
-            "DJANGO_DEBUG": "0",
-            "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "DJANGO_STATIC_ROOT": str(self._workdir / "static"),
-            "CHANNEL_LAYER": self.channel_layer,
-            "REDIS_URL": self.redis.url,
-            "BROADCAST_TOKEN": self.broadcast_token,
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)]),
+                # Whatever the caller runs under (pytest sets tests.settings), the
+                # servers run the production settings.
+                "DJANGO_SETTINGS_MODULE": "config.settings",
+                "DJANGO_DEBUG": "0",
+                "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+                "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+                "DJANGO_STATIC_ROOT": str(self._workdir / "static"),
+                "CHANNEL_LAYER": self.channel_layer,
+                "REDIS_URL": self.redis.url,
+                "BROADCAST_TOKEN": self.broadcast_token,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self.extra_env)
         return env
 
     def _collectstatic(self, env: dict[str, str]) -> None:
         result = subprocess.run(
             [sys.executable, str(APP_DIR / "manage.py"), "collectstatic", "--noinput", "--verbosity", "0"],
-            env=env, cwd=APP_DIR, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            env=env,
+            cwd=APP_DIR,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             raise StackError(f"collectstatic failed with code {result.returncode}:\n{result.stdout}{result.stderr}")
@@ -252,12 +277,18 @@ class LocalStack:
 
     def _gunicorn_argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.gunicorn_port}",
-            "--workers", str(GUNICORN_WORKERS),
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--bind",
+            f"127.0.0.1:{self.gunicorn_port}",
+            "--workers",
+            str(GUNICORN_WORKERS),
             # Its control socket lives at one path per user (~/.gunicorn):
             # stacks running side by side would take it from each other.
             "--no-control-socket",
-            "--config", str(REPO / "deploy" / "gunicorn_conf.py"),
+            "--config",
+            str(REPO / "deploy" / "gunicorn_conf.py"),
             "config.wsgi:application",
         ]
 
@@ -268,11 +299,15 @@ class LocalStack:
         answer: tuple[int | None, str] = (None, "no answer yet")
         while time.monotonic() < deadline:
             if not process.running():
-                raise StackError(f"{name} exited with code {process.returncode} before it was ready (its output is above)")
+                raise StackError(
+                    f"{name} exited with code {process.returncode} before it was ready (its output is above)"
+                )
             answer = probe(url, timeout=1.0)
             if answer[0] == 200:
                 if pod is None or json.loads(answer[1]).get("pod") == pod:
                     return
                 raise StackError(f"{url} is answered by another server ({answer[1]!r}), not {name}: the port was taken")
             time.sleep(0.1)
-        raise StackError(f"{name} was not ready at {url} within {STARTUP_TIMEOUT:.0f} s; last answer: {answer[0]} {answer[1]}")
+        raise StackError(
+            f"{name} was not ready at {url} within {STARTUP_TIMEOUT:.0f} s; last answer: {answer[0]} {answer[1]}"
+        )

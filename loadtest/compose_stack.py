@@ -6,6 +6,7 @@ Started and stopped with the Makefile's own targets (`make up`, `make scale`,
 file, so it never touches a developer's stack or .env. Containers are found by
 the labels both docker-compose v1 and v2 put on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,7 @@ def stack_environment() -> dict[str, str]:
 def run(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """Run a command; on failure raise with the tail of its output."""
     result = subprocess.run(
-        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
-        env=stack_environment(), **kwargs
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False, env=stack_environment(), **kwargs
     )
     if result.returncode != 0:
         output = (result.stdout + result.stderr)[-FAILURE_TAIL:]
@@ -96,8 +96,14 @@ class ComposeStack:
     up_seconds: float = 0.0
 
     @classmethod
-    def create(cls, directory: Path, *, files: tuple[str, ...] = ("docker-compose.yml",),
-               prefix: str = "e2e", environment: dict[str, object] | None = None) -> "ComposeStack":
+    def create(
+        cls,
+        directory: Path,
+        *,
+        files: tuple[str, ...] = ("docker-compose.yml",),
+        prefix: str = "e2e",
+        environment: dict[str, object] | None = None,
+    ) -> ComposeStack:
         """A stack definition with fresh secrets, a free port and any other
         variables of docker-compose.yml; nothing is started yet."""
         token = secrets.token_hex(16)
@@ -118,15 +124,15 @@ class ComposeStack:
         return f"http://127.0.0.1:{self.port}"
 
     def make(self, *targets: str, **variables: object) -> subprocess.CompletedProcess:
-        return make(*targets, PROJECT=self.project, ENV_FILE=self.env_file, COMPOSE_FILES=" ".join(self.files),
-                    **variables)
+        return make(
+            *targets, PROJECT=self.project, ENV_FILE=self.env_file, COMPOSE_FILES=" ".join(self.files), **variables
+        )
 
     def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         command = compose_command()
         assert command, "no compose command"
         files = [arg for name in self.files for arg in ("--file", name)]
-        return run([*command, *files, "--project-name", self.project, "--env-file", str(self.env_file), *args],
-                   timeout)
+        return run([*command, *files, "--project-name", self.project, "--env-file", str(self.env_file), *args], timeout)
 
     def containers(self, service: str | None = None, *, all_states: bool = False) -> list[str]:
         """Container ids of the project (of one service), running ones unless all_states."""

@@ -5,6 +5,7 @@ gets two or three such samples. This watcher samples the same number (psutil's
 per-process percentage, where 100 % is one core) over shorter windows and keeps
 the peak, which the verdict compares with the same 90 % limit.
 """
+
 from __future__ import annotations
 
 import gevent

@@ -7,6 +7,7 @@ machines. Each member's receipt becomes one request event named
 ``origin->served_by``; a member still waiting when the deadline passes becomes
 one failure with the same kind of name. Nothing here touches sockets or gevent.
 """
+
 from __future__ import annotations
 
 import itertools

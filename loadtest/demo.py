@@ -8,6 +8,7 @@ What a person needs comes last and stands apart: the check's verdict, the
 chat URL and the `curl` line of the HTTP API. nginx's and Daphne's access
 logs are shown only with LOG_ACCESS=1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def front_door(stack: LocalStack, verdict: str | None) -> str:
     lines += [
         f"chat:          open {stack.url}/chat/lobby/ in two tabs (each names the replica serving it)",
         f"broadcast API: curl -H 'Authorization: Bearer {stack.broadcast_token}' "
-        f"-d '{{\"message\": \"hello\"}}' {stack.url}/api/rooms/lobby/messages",
+        f'-d \'{{"message": "hello"}}\' {stack.url}/api/rooms/lobby/messages',
         "serving until Ctrl-C" + ("" if os.environ.get("LOG_ACCESS") == "1" else " (LOG_ACCESS=1 shows every request)"),
         RULE,
     ]
@@ -66,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nginx listening on {stack.url}", flush=True)
             said = None
             if args.check:
-                report = asyncio.run(run_fanout_check(
-                    stack.url,
-                    # Every room needs a member on every replica.
-                    clients_per_room=max(10, args.replicas),
-                    expect_replicas=args.replicas,
-                    broadcast_token=stack.broadcast_token,
-                ))
+                report = asyncio.run(
+                    run_fanout_check(
+                        stack.url,
+                        # Every room needs a member on every replica.
+                        clients_per_room=max(10, args.replicas),
+                        expect_replicas=args.replicas,
+                        broadcast_token=stack.broadcast_token,
+                    )
+                )
                 print(report.render(), flush=True)
                 verdict = 0 if report.ok else 1
                 said = next(line for line in report.render().splitlines() if line.startswith("verdict: "))[9:]

@@ -18,6 +18,7 @@ have missed (``recovered: false``) is reported as told missing.
 
     python -m loadtest.fanout_check --target http://127.0.0.1:8080 --token "$BROADCAST_TOKEN"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from loadtest.room_member import RETRY_STATUSES, JoinError, Position, Reconnect, RoomMember, endpoints, now_ms
 
 __all__ = [
-    "CheckError", "FanoutReport", "Member", "Message", "endpoints", "join", "now_ms", "publish_http",
-    "run_fanout_check", "tally", "wait_for_deliveries",
+    "CheckError",
+    "FanoutReport",
+    "Member",
+    "Message",
+    "endpoints",
+    "join",
+    "now_ms",
+    "publish_http",
+    "run_fanout_check",
+    "tally",
+    "wait_for_deliveries",
 ]
 
 # Handshakes in flight at once within a room.
@@ -250,7 +260,8 @@ class FanoutReport:
         else:
             told = (
                 f" ({self.told_missing} of them messages members were told they may have missed: recovered false)"
-                if self.told_missing else ""
+                if self.told_missing
+                else ""
             )
             lines.append(f"verdict: FAIL - {len(self.problems)} problem(s){told}:")
             lines += [f"  - {problem}" for problem in self.problems[:SHOWN_PROBLEMS]]
@@ -307,7 +318,8 @@ def _receipts(member: Member | RoomMember) -> _Receipts:
         lost = None
         if member.gave_up is not None:
             lost = (
-                "was disconnected during the check" if not member.reconnect
+                "was disconnected during the check"
+                if not member.reconnect
                 else f"could not get back into its room: {member.gave_up}"
             )
         return _Receipts(who, by_id, member.other_frames, lost)
@@ -344,7 +356,10 @@ def tally(report: FanoutReport, members: list[Member | RoomMember], expected: di
                 )
                 report.latencies_ms.append(at - message.sent_at)
                 if (frame.get("origin"), frame.get("served_by"), frame.get("message"), frame.get("sent_at")) != (
-                    message.origin, pod, message.text, message.sent_at
+                    message.origin,
+                    pod,
+                    message.text,
+                    message.sent_at,
                 ):
                     report.problems.append(f"{who} got a wrong frame for {message.origin}'s message: {frame}")
         for message_id, message in wanted.items():
@@ -519,24 +534,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rooms", type=int, default=6)
     parser.add_argument("--clients-per-room", type=int, default=10)
     parser.add_argument("--expect-replicas", type=int, default=3)
-    parser.add_argument("--token", default=os.environ.get("BROADCAST_TOKEN") or None,
-                        help="broadcast API token (default: $BROADCAST_TOKEN); without it the HTTP API is not checked")
-    parser.add_argument("--timeout", type=float, default=15.0,
-                        help="seconds per phase (connect, each publish round, deliver)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("BROADCAST_TOKEN") or None,
+        help="broadcast API token (default: $BROADCAST_TOKEN); without it the HTTP API is not checked",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=15.0, help="seconds per phase (connect, each publish round, deliver)"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="publish rounds (default 1)")
     parser.add_argument("--round-interval", type=float, default=0.5, help="seconds between rounds (default 0.5)")
     args = parser.parse_args(argv)
     try:
-        report = asyncio.run(run_fanout_check(
-            args.target,
-            rooms=args.rooms,
-            clients_per_room=args.clients_per_room,
-            expect_replicas=args.expect_replicas,
-            broadcast_token=args.token,
-            timeout=args.timeout,
-            rounds=args.rounds,
-            round_interval=args.round_interval,
-        ))
+        report = asyncio.run(
+            run_fanout_check(
+                args.target,
+                rooms=args.rooms,
+                clients_per_room=args.clients_per_room,
+                expect_replicas=args.expect_replicas,
+                broadcast_token=args.token,
+                timeout=args.timeout,
+                rounds=args.rounds,
+                round_interval=args.round_interval,
+            )
+        )
     except ValueError as error:
         parser.error(str(error))
     print(report.render())

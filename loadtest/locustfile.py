@@ -17,6 +17,7 @@ The exit code is the verdict (0 PASS, 1 FAIL, 3 INVALID), decided on the
 master from the aggregated stats, so distributed runs judge the whole load.
 loadtest/README.md explains the options, the method and how to read a report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +34,17 @@ from urllib.parse import quote
 # into a hidden subdirectory, whose parent is not the package's parent.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gevent  # noqa: E402
-import websocket  # noqa: E402
-from gevent.event import AsyncResult, Event  # noqa: E402
-from gevent.queue import Empty, Queue  # noqa: E402
-from locust import HttpUser, User, constant_throughput, events, tag, task  # noqa: E402
-from locust.runners import CPU_WARNING_THRESHOLD, MasterRunner, WorkerRunner  # noqa: E402
+import gevent
+import websocket
+from gevent.event import AsyncResult, Event
+from gevent.queue import Empty, Queue
+from locust import HttpUser, User, constant_throughput, events, tag, task
+from locust.runners import CPU_WARNING_THRESHOLD, MasterRunner, WorkerRunner
 
-from loadtest import summary  # noqa: E402
-from loadtest.cpu_watch import CpuWatch  # noqa: E402
-from loadtest.delivery import DeliveryTracker  # noqa: E402
-from loadtest.thresholds import (  # noqa: E402
+from loadtest import summary
+from loadtest.cpu_watch import CpuWatch
+from loadtest.delivery import DeliveryTracker
+from loadtest.thresholds import (
     DUPLICATE,
     FANOUT,
     HTTP_FANOUT,
@@ -57,7 +58,7 @@ from loadtest.thresholds import (  # noqa: E402
     pair_name,
     reconnect_name,
 )
-from loadtest.ws_connection import ABNORMAL_CLOSURE, BadFrame, ConnectionLost, WsConnection  # noqa: E402
+from loadtest.ws_connection import ABNORMAL_CLOSURE, BadFrame, ConnectionLost, WsConnection
 
 logger = logging.getLogger("loadtest")
 
@@ -103,29 +104,83 @@ def _pair_count(text: str) -> str:
 def add_options(parser, **_kwargs):
     # Every option can also be set by its LOCUST_* variable, which is how the
     # compose profile and the Kubernetes manifests pass them.
-    parser.add_argument("--publish-rate", type=_positive(float), default=1.0, env_var="LOCUST_PUBLISH_RATE",
-                        help="messages per second each FanoutUser / HttpBroadcastUser publishes (default 1)")
-    parser.add_argument("--room-size", type=_positive(int), default=6, env_var="LOCUST_ROOM_SIZE",
-                        help="members per room; each message is delivered room-size times (default 6)")
-    parser.add_argument("--delivery-deadline", type=_positive(float), default=5.0, env_var="LOCUST_DELIVERY_DEADLINE",
-                        help="seconds a member may wait for a message before it counts as lost (default 5)")
-    parser.add_argument("--request-rate", type=_positive(float), default=2.0, env_var="LOCUST_REQUEST_RATE",
-                        help="round trips per second each EchoUser / ApiUser makes (default 2)")
-    parser.add_argument("--connect-rate", type=_positive(float), default=1.0, env_var="LOCUST_CONNECT_RATE",
-                        help="connections per second each ConnectionStormUser opens and closes (default 1)")
-    parser.add_argument("--broadcast-token", default="", env_var="BROADCAST_TOKEN", include_in_web_ui=False,
-                        help="Bearer token of the HTTP broadcast API (HttpBroadcastUser); default $BROADCAST_TOKEN")
-    parser.add_argument("--min-delivery-ratio", type=_ratio, default=0.999, env_var="LOCUST_MIN_DELIVERY_RATIO",
-                        help="fail below this share of fan-out deliveries made in time (default 0.999)")
-    parser.add_argument("--max-p99-ms", type=_positive(float), default=1000.0, env_var="LOCUST_MAX_P99_MS",
-                        help="fail above this p99 fan-out latency in ms (default 1000)")
-    parser.add_argument("--min-replicas", type=int, default=2, env_var="LOCUST_MIN_REPLICAS",
-                        help="fail when fewer distinct replicas delivered messages (default 2)")
-    parser.add_argument("--min-cross-pairs", type=_pair_count, default="all", env_var="LOCUST_MIN_CROSS_PAIRS",
-                        help='fail below this many origin->served_by pairs with origin != served_by; '
-                             '"all" (default) wants every ordered pair of the replicas seen')
-    parser.add_argument("--summary-file", default="", env_var="LOCUST_SUMMARY_FILE",
-                        help="also write the verdict summary here (text) and next to it as .json")
+    parser.add_argument(
+        "--publish-rate",
+        type=_positive(float),
+        default=1.0,
+        env_var="LOCUST_PUBLISH_RATE",
+        help="messages per second each FanoutUser / HttpBroadcastUser publishes (default 1)",
+    )
+    parser.add_argument(
+        "--room-size",
+        type=_positive(int),
+        default=6,
+        env_var="LOCUST_ROOM_SIZE",
+        help="members per room; each message is delivered room-size times (default 6)",
+    )
+    parser.add_argument(
+        "--delivery-deadline",
+        type=_positive(float),
+        default=5.0,
+        env_var="LOCUST_DELIVERY_DEADLINE",
+        help="seconds a member may wait for a message before it counts as lost (default 5)",
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=_positive(float),
+        default=2.0,
+        env_var="LOCUST_REQUEST_RATE",
+        help="round trips per second each EchoUser / ApiUser makes (default 2)",
+    )
+    parser.add_argument(
+        "--connect-rate",
+        type=_positive(float),
+        default=1.0,
+        env_var="LOCUST_CONNECT_RATE",
+        help="connections per second each ConnectionStormUser opens and closes (default 1)",
+    )
+    parser.add_argument(
+        "--broadcast-token",
+        default="",
+        env_var="BROADCAST_TOKEN",
+        include_in_web_ui=False,
+        help="Bearer token of the HTTP broadcast API (HttpBroadcastUser); default $BROADCAST_TOKEN",
+    )
+    parser.add_argument(
+        "--min-delivery-ratio",
+        type=_ratio,
+        default=0.999,
+        env_var="LOCUST_MIN_DELIVERY_RATIO",
+        help="fail below this share of fan-out deliveries made in time (default 0.999)",
+    )
+    parser.add_argument(
+        "--max-p99-ms",
+        type=_positive(float),
+        default=1000.0,
+        env_var="LOCUST_MAX_P99_MS",
+        help="fail above this p99 fan-out latency in ms (default 1000)",
+    )
+    parser.add_argument(
+        "--min-replicas",
+        type=int,
+        default=2,
+        env_var="LOCUST_MIN_REPLICAS",
+        help="fail when fewer distinct replicas delivered messages (default 2)",
+    )
+    parser.add_argument(
+        "--min-cross-pairs",
+        type=_pair_count,
+        default="all",
+        env_var="LOCUST_MIN_CROSS_PAIRS",
+        help="fail below this many origin->served_by pairs with origin != served_by; "
+        '"all" (default) wants every ordered pair of the replicas seen',
+    )
+    parser.add_argument(
+        "--summary-file",
+        default="",
+        env_var="LOCUST_SUMMARY_FILE",
+        help="also write the verdict summary here (text) and next to it as .json",
+    )
 
 
 def _record(environment, request_type: str, name: str, response_time: float, exception=None, length: int = 0):
@@ -263,8 +318,13 @@ class RoomMember:
                 self._caught_up.set()
             welcome.set(frame)
         elif kind == "error":
-            _record(self.environment, "ws", f"{CHAT_NAME} error frame", 0,
-                    exception=RuntimeError(f"{frame.get('code')}: {frame.get('detail')}"))
+            _record(
+                self.environment,
+                "ws",
+                f"{CHAT_NAME} error frame",
+                0,
+                exception=RuntimeError(f"{frame.get('code')}: {frame.get('detail')}"),
+            )
 
     def _on_chat(self, frame: dict) -> None:
         epoch, offset = frame.get("epoch"), frame.get("offset")
@@ -272,9 +332,13 @@ class RoomMember:
             # The server hands each member a room's offsets in order, once: an
             # offset at or below the last one of the same epoch came before.
             if self.position is not None and self.position[0] == epoch and offset <= self.position[1]:
-                _record(self.environment, DUPLICATE,
-                        pair_name(str(frame.get("origin")), str(frame.get("served_by"))), 0,
-                        exception=DuplicateDelivery(f"offset {offset} of epoch {epoch} again, after {self.position[1]}"))
+                _record(
+                    self.environment,
+                    DUPLICATE,
+                    pair_name(str(frame.get("origin")), str(frame.get("served_by"))),
+                    0,
+                    exception=DuplicateDelivery(f"offset {offset} of epoch {epoch} again, after {self.position[1]}"),
+                )
             else:
                 self.position = (epoch, offset)
         self._unconfirmed.pop(frame.get("id"), None)
@@ -341,8 +405,13 @@ class RoomMember:
             _tracker().join(self.room, self, self.replica)
             recovered = self.last_welcome.get("recovered")
             if resumed_from is not None and recovered is not None:
-                _record(self.environment, RESUME, RECOVERED if recovered else NOT_RECOVERED, 0,
-                        length=int(self.last_welcome.get("replayed") or 0))
+                _record(
+                    self.environment,
+                    RESUME,
+                    RECOVERED if recovered else NOT_RECOVERED,
+                    0,
+                    length=int(self.last_welcome.get("replayed") or 0),
+                )
             self._send_unconfirmed(recovered)
 
     def _send_unconfirmed(self, recovered) -> None:
@@ -441,7 +510,9 @@ class HttpBroadcastUser(HttpUser):
     def on_start(self):
         tracker = _tracker()
         self.room = tracker.room_name("http", tracker.next_number("http"))
-        self.members = [RoomMember(self.environment, self.room) for _ in range(self.environment.parsed_options.room_size)]
+        self.members = [
+            RoomMember(self.environment, self.room) for _ in range(self.environment.parsed_options.room_size)
+        ]
         for member in self.members:
             member.join()
         self.headers = {"Authorization": f"Bearer {self.environment.parsed_options.broadcast_token}"}
@@ -495,7 +566,11 @@ class _RoundTripUser(User):
         replies = self.replies = Queue()
         try:
             self.conn = WsConnection(
-                self.environment.host, self.path, replies.put, lambda error: self._on_error(error, replies), REPLY_TIMEOUT
+                self.environment.host,
+                self.path,
+                replies.put,
+                lambda error: self._on_error(error, replies),
+                REPLY_TIMEOUT,
             )
         except (websocket.WebSocketException, OSError) as error:
             _record(self.environment, "connect", self.path, (time.perf_counter() - started) * 1000, exception=error)
@@ -526,7 +601,9 @@ class _RoundTripUser(User):
         else:
             if any(reply.get(key) != value for key, value in expected.items()):
                 failure = ValueError(f"unexpected reply {str(reply)[:200]}")
-        _record(self.environment, self.request_type, self.path, (time.perf_counter() - started) * 1000, exception=failure)
+        _record(
+            self.environment, self.request_type, self.path, (time.perf_counter() - started) * 1000, exception=failure
+        )
         if isinstance(failure, (ConnectionLost, TimeoutError)):
             # A late reply on this socket would be taken for the next request's.
             self.conn.close()
@@ -584,8 +661,13 @@ class ConnectionStormUser(User):
             )
             welcome.get(timeout=REPLY_TIMEOUT)
         except (websocket.WebSocketException, OSError, ConnectionLost, BadFrame, gevent.Timeout) as error:
-            _record(self.environment, "connect", f"{CHAT_NAME} storm", (time.perf_counter() - started) * 1000,
-                    exception=error)
+            _record(
+                self.environment,
+                "connect",
+                f"{CHAT_NAME} storm",
+                (time.perf_counter() - started) * 1000,
+                exception=error,
+            )
         else:
             _record(self.environment, "connect", f"{CHAT_NAME} storm", conn.handshake_ms)
         finally:

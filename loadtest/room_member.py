@@ -31,6 +31,7 @@ received; a welcome sets it only when nothing is replayed after it (with a
 replay coming, the replayed frames move it, so a socket lost mid-replay
 resumes from the last frame actually received).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -370,14 +371,14 @@ class RoomMember:
             try:
                 await ws.send(payload)
             except ConnectionClosed:
-                await self._wait(lambda: self._connection != connection or not self.running, deadline)
+                await self._wait(lambda c=connection: self._connection != c or not self.running, deadline)
                 continue
             sent.sends += 1
             sent.pod = pod
             if not confirm:
                 return sent
             in_time = await self._wait(
-                lambda: self._ids.get(sent.id) or self._connection != connection or not self.connected, deadline
+                lambda c=connection: self._ids.get(sent.id) or self._connection != c or not self.connected, deadline
             )
             if self._ids.get(sent.id):
                 sent.confirmed = True
@@ -400,7 +401,7 @@ class RoomMember:
                 return False
             try:
                 await asyncio.wait_for(self._changed.wait(), None if remaining == math.inf else remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return bool(predicate())
         return True
 
@@ -444,7 +445,9 @@ class RoomMember:
             raise _Attempt(f"closed with {code} before the welcome", retry=True) from None
         except ValueError:
             await ws.close()
-            raise _Attempt("expected a welcome frame first, got something that is not a JSON object", retry=False) from None
+            raise _Attempt(
+                "expected a welcome frame first, got something that is not a JSON object", retry=False
+            ) from None
         except BaseException:
             ws.transport.abort()  # cancelled by stop() mid-handshake
             raise

@@ -3,6 +3,7 @@
 The text is what a person reads at the end of a run; the JSON next to it is
 what scripts and tests read, so neither has to parse locust's tables.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,8 @@ def render(verdict: Verdict) -> str:
     if verdict.pairs:
         width = max(len(row.pair) for row in verdict.pairs)
         lines.append(
-            f"  {'type':<12} {'origin->served_by':<{width}} {'count':>8} {'lost':>6} {'p50':>6} {'p95':>6} {'p99':>6}  (ms)"
+            f"  {'type':<12} {'origin->served_by':<{width}} {'count':>8} {'lost':>6} {'p50':>6} {'p95':>6} "
+            f"{'p99':>6}  (ms)"
         )
         for row in verdict.pairs:
             lines.append(

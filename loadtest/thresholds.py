@@ -20,6 +20,7 @@ rows too, so distributed runs add them up like any other stats:
 * ``duplicate  <origin>-><served_by>``: a member received an offset of an
   epoch it already had: always a failure, judged by its own check.
 """
+
 from __future__ import annotations
 
 import math
@@ -167,8 +168,10 @@ def judge(
         if row.request_type == RECONNECT:
             code = row.name.removeprefix(reconnect_name(""))
             reconnect_codes[code] = reconnect_codes.get(code, 0) + row.count
-    resumes = {name: sum(r.count for r in sockets if r.request_type == RESUME and r.name == name)
-               for name in (RECOVERED, NOT_RECOVERED)}
+    resumes = {
+        name: sum(r.count for r in sockets if r.request_type == RESUME and r.name == name)
+        for name in (RECOVERED, NOT_RECOVERED)
+    }
     # Each duplicate is one failed event in its row.
     duplicates = sum(row.failures for row in sockets if row.request_type == DUPLICATE)
     count = sum(row.count for row in deliveries)
@@ -205,7 +208,9 @@ def judge(
             )
         )
         wanted_replicas = thresholds.min_replicas
-        checks.append(Check("replicas seen", len(replicas) >= wanted_replicas, str(len(replicas)), f">= {wanted_replicas}"))
+        checks.append(
+            Check("replicas seen", len(replicas) >= wanted_replicas, str(len(replicas)), f">= {wanted_replicas}")
+        )
         if any(row.request_type == FANOUT for row in deliveries):
             wanted = thresholds.min_cross_pairs
             if wanted is None:
@@ -245,7 +250,8 @@ def judge(
         # As a note, so the text summary shows it with the rest; the JSON has the numbers.
         codes = ", ".join(f"{code}: {count}" for code, count in sorted(reconnect_codes.items()))
         notes.append(
-            f"reconnects: {sum(reconnect_codes.values())}" + (f" (after close code {codes})" if codes else "")
+            f"reconnects: {sum(reconnect_codes.values())}"
+            + (f" (after close code {codes})" if codes else "")
             + f"; resumes: {resumes[RECOVERED]} recovered, {resumes[NOT_RECOVERED]} not recovered;"
             f" duplicates: {duplicates}"
         )

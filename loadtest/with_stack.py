@@ -8,6 +8,7 @@ token as ``BROADCAST_TOKEN``; its exit code is ours. The stack's own output
 (nginx logs one line per request) goes to ``--log`` so it does not bury the
 load test's summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("name the command to run after --")
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    log = open(args.log, "w") if args.log else sys.stderr
+    # Closed in the finally below, after the stack (which writes to it) has stopped.
+    log = open(args.log, "w") if args.log else sys.stderr  # noqa: SIM115
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     try:

@@ -6,6 +6,7 @@ exactly one receive greenlet that hands every decoded frame to a callback and
 is killed when the connection is closed. (asyncio clients would need their own
 event loop and do not mix with locust's gevent hub.)
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from urllib.parse import urlsplit
 
 import gevent
 import websocket
-
 
 # No close frame: the network, or a server that died, ended the socket.
 ABNORMAL_CLOSURE = 1006

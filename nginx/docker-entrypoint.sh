@@ -26,14 +26,14 @@ workers() {
 }
 
 reload() {
-    before=$(workers | cut -d' ' -f1)
+    before=$(workers | cut -d' ' -f1 | tr '\n' ' ')
     kill -HUP 1
     for _ in $(seq 100); do
         new=0 old_accepting=0
         while read -r pid title; do
             [ -n "$pid" ] || continue
             case "$title" in *"shutting down"*) continue ;; esac
-            case " $(echo $before) " in
+            case " $before " in
                 *" $pid "*) old_accepting=1 ;;
                 *) new=1 ;;
             esac
@@ -53,6 +53,7 @@ if [ "${1:-}" = reload ]; then
 fi
 
 template=/etc/nginx/blueprint/nginx.conf.template
+# shellcheck disable=SC2016 # the pattern matches a literal ${NAME}
 placeholders=$(grep -o '\${[A-Z][A-Z0-9_]*}' "$template" | sort -u)
 [ -n "$placeholders" ] || { echo "no placeholders found in $template" >&2; exit 1; }
 
@@ -60,6 +61,7 @@ missing=""
 for placeholder in $placeholders; do
     name=${placeholder#??}
     name=${name%?}
+    is_set=""
     eval "is_set=\${$name+set}"
     [ "$is_set" = set ] || missing="$missing $name"
 done
@@ -82,7 +84,7 @@ ulimit -S -n "$hard_nofile"
 mkdir -p "$NGINX_RUNTIME_DIR"
 config="$NGINX_RUNTIME_DIR/nginx.conf"
 # envsubst's SHELL-FORMAT argument limits it to the template's placeholders.
-envsubst "$(echo $placeholders)" < "$template" > "$config"
+envsubst "$placeholders" < "$template" > "$config"
 # -e stderr: nginx opens its compiled-in error log before reading the config,
 # which a non-root user on a read-only filesystem cannot.
 exec nginx -e stderr -c "$config" "$@"

@@ -1,6 +1,7 @@
 """What the hostile-client tests observe of a replica from outside: its metrics,
 its memory, its health latency, its log; and well-behaved room members that
 count every message and its latency while an attack runs."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,13 +20,14 @@ import websockets
 
 from loadtest.fanout_check import percentile
 from loadtest.room_member import now_ms
-from tests.processes import Daphne, stop
+from tests.processes import Daphne
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
 # --- metrics, memory -----------------------------------------------------------
+
 
 def scrape(port: int) -> str:
     with _HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -96,7 +98,8 @@ while True:
                 status = response.status
         except Exception as error:
             status = getattr(error, "code", 0) or 0
-        print(url, status, round((time.perf_counter() - started) * 1000, 2), round(time.monotonic() - began, 2), flush=True)
+        took_ms = round((time.perf_counter() - started) * 1000, 2)
+        print(url, status, took_ms, round(time.monotonic() - began, 2), flush=True)
     time.sleep(interval)
 """
 
@@ -118,7 +121,9 @@ class HealthProbe:
     def __enter__(self) -> HealthProbe:
         self.process = subprocess.Popen(
             [sys.executable, "-c", _PROBE, ",".join(self.urls), str(self.interval)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self._ready = threading.Event()
         self._pump = threading.Thread(target=self._read, daemon=True)
@@ -155,8 +160,11 @@ class HealthProbe:
         results = self.results()
         if not results:
             return ["the health probe got no answer at all"]
-        found = [f"{name} /healthz {status} in {ms:.0f} ms at {at:.1f} s" for name, status, ms, at in results
-                 if status != 200 or ms >= ceiling_ms]
+        found = [
+            f"{name} /healthz {status} in {ms:.0f} ms at {at:.1f} s"
+            for name, status, ms, at in results
+            if status != 200 or ms >= ceiling_ms
+        ]
         p99 = percentile([ms for _, _, ms, _ in results], 99)
         if p99 >= p99_ms:
             found.append(f"/healthz p99 {p99:.0f} ms over {len(results)} probes")
@@ -170,6 +178,7 @@ class HealthProbe:
 
 
 # --- logs ------------------------------------------------------------------------
+
 
 class CapturedLog(io.TextIOBase):
     """A LocalStack ``log=``: keeps every ``[name] line`` so a test can count a
@@ -193,7 +202,7 @@ class CapturedLog(io.TextIOBase):
     def of(self, name: str) -> list[str]:
         prefix = f"[{name}] "
         with self._lock:
-            return [line[len(prefix):] for line in self.lines if line.startswith(prefix)]
+            return [line[len(prefix) :] for line in self.lines if line.startswith(prefix)]
 
     def count(self, name: str) -> int:
         return len(self.of(name))
@@ -247,6 +256,7 @@ class LiveDaphne(Daphne):
 
 # --- well-behaved members ------------------------------------------------------------
 
+
 class Member:
     """A chat member that reads everything, as a browser tab does: records
     every chat message's id and latency (now - sent_at) and every other frame."""
@@ -261,8 +271,9 @@ class Member:
 
     @classmethod
     async def join(cls, ws_url: str, origin: str, room: str, where: str = "", **options) -> Member:
-        ws = await websockets.connect(f"{ws_url}/ws/chat/{room}/", origin=origin, max_size=None,
-                                      open_timeout=10, **options)
+        ws = await websockets.connect(
+            f"{ws_url}/ws/chat/{room}/", origin=origin, max_size=None, open_timeout=10, **options
+        )
         welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert welcome["type"] == "welcome", welcome
         return cls(ws, welcome["pod"], where)
@@ -331,8 +342,10 @@ def delivery_problems(members: list[Member], ids: list[str]) -> list[str]:
     for member in members:
         lost = member.missing(ids)
         if lost:
-            problems.append(f"member on {member.pod} ({member.where}) missed or duplicated {len(lost)} of {len(ids)}: "
-                            f"{lost[:5]}, close code {member.close_code}")
+            problems.append(
+                f"member on {member.pod} ({member.where}) missed or duplicated {len(lost)} of {len(ids)}: "
+                f"{lost[:5]}, close code {member.close_code}"
+            )
         elif member.close_code is not None:
             problems.append(f"member on {member.pod} ({member.where}) was closed with {member.close_code}")
     return problems

@@ -1,4 +1,5 @@
 """Real app processes for tests: start, wait on real readiness, stop."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from deploy.ports import free_port
 from realtime import command_line
+
+from deploy.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,7 +42,9 @@ def wait_for(predicate, timeout: float, what: str) -> float:
 def start(args: list[str], env: dict) -> subprocess.Popen:
     """Start a process in app/ with a clean environment (no stray Django/Redis settings)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CHANNEL_", "REDIS_", "POD_", "WS_"))}
-    return subprocess.Popen(args, cwd=REPO / "app", env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        args, cwd=REPO / "app", env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def stop(process: subprocess.Popen) -> str:
@@ -73,7 +77,7 @@ class Daphne:
         }
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Daphne":
+    def __enter__(self) -> Daphne:
         args = command_line.argv(sys.executable, "127.0.0.1", self.port)
         self.process = start(args, self.env)
         wait_for(lambda: status_of(f"http://{self.base}{self.wait_path}") == 200, 30, f"{self.name} {self.wait_path}")

@@ -9,6 +9,7 @@ back up), and it can keep sending after the server closed.
 Blocking sockets with timeouts: a test runs it in a thread (asyncio.to_thread)
 when it needs to do other things meanwhile.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,8 +23,17 @@ from dataclasses import dataclass
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
-          mask_key: bytes | None = None, length: int | None = None, length_form: str | None = None) -> bytes:
+def frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bool = True,
+    mask_key: bytes | None = None,
+    length: int | None = None,
+    length_form: str | None = None,
+) -> bytes:
     """One frame's bytes. ``length`` overrides the payload length the header
     declares (a lie, when it differs from len(payload)); ``length_form`` forces
     the 7-bit, 16-bit or 64-bit encoding ("7", "16", "64") even where another
@@ -82,8 +92,17 @@ class RawWebSocket:
     """One client connection. ``closed_by_server`` is the close code the server
     sent (None until one is read), ``eof`` whether the TCP connection ended."""
 
-    def __init__(self, host: str, port: int, path: str, *, origin: str | None = None, rcvbuf: int | None = None,
-                 timeout: float = 5.0, extra_headers: list[tuple[str, str]] | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        *,
+        origin: str | None = None,
+        rcvbuf: int | None = None,
+        timeout: float = 5.0,
+        extra_headers: list[tuple[str, str]] | None = None,
+    ):
         self.host, self.port, self.path = host, port, path
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
@@ -155,7 +174,7 @@ class RawWebSocket:
                 self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 if self.duplex:
                     continue
                 return False
@@ -188,11 +207,11 @@ class RawWebSocket:
         if second & 0x80:
             if not self._fill(offset + 4, deadline):
                 return None
-            key, offset = self.buffer[offset:offset + 4], offset + 4
+            key, offset = self.buffer[offset : offset + 4], offset + 4
         if not self._fill(offset + length, deadline):
             return None
-        payload = self.buffer[offset:offset + length]
-        self.buffer = self.buffer[offset + length:]
+        payload = self.buffer[offset : offset + length]
+        self.buffer = self.buffer[offset + length :]
         if key:
             payload = apply_mask(payload, key)
         received = Frame(bool(first & 0x80), first & 0x0F, payload)

@@ -1,5 +1,6 @@
 """What a test needs from the machine: skipped with the reason elsewhere,
 a failure under CI=true, where every test must run."""
+
 import os
 
 import pytest

@@ -3,6 +3,7 @@
 Production values are read from the environment at import, so the tests set
 the environment first instead of re-declaring settings.
 """
+
 import os
 
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-never-deployed")
@@ -12,7 +13,7 @@ os.environ.setdefault("POD_NAME", "pod-test")
 # Redis-backed tests configure their layers explicitly against the fixture's server.
 os.environ["CHANNEL_LAYER"] = "memory"
 
-from config.settings import *  # noqa: E402,F403
+from config.settings import *  # noqa: F403
 
 # Templates render without a collectstatic run.
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405

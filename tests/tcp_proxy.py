@@ -5,6 +5,7 @@ Stopped with SIGSTOP it forwards nothing and closes nothing: packets are
 neither answered nor refused, as in a network cut that drops them, and
 SIGCONT heals it. Bound to loopback; runs until killed.
 """
+
 from __future__ import annotations
 
 import asyncio

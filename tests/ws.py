@@ -1,8 +1,8 @@
 """Connecting WebsocketCommunicators to the real ASGI application."""
+
 from __future__ import annotations
 
 from channels.testing import WebsocketCommunicator
-
 from config.asgi import application
 
 ORIGIN = (b"origin", b"http://testserver")

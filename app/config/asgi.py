@@ -1,4 +1,5 @@
 """ASGI entry point, served by Daphne: HTTP through Django, WebSockets through Channels."""
+
 import os
 
 from django.core.asgi import get_asgi_application
@@ -9,7 +10,6 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
-
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(

@@ -3,11 +3,11 @@
 Kept apart from settings.py so every rule (what counts as true, how a Redis
 URL list or a Sentinel address is read) is a plain function with a test.
 """
+
 from __future__ import annotations
 
 import os
 from urllib.parse import parse_qs, unquote, urlsplit
-
 
 
 class ConfigError(SystemExit):
@@ -20,6 +20,7 @@ class ConfigError(SystemExit):
 
     def __init__(self, reason: str):
         super().__init__(f"configuration error: {reason}")
+
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -88,7 +89,9 @@ def redis_hosts(value: str) -> list:
     """
     value = value.strip()
     if not value:
-        raise ConfigError("REDIS_URL is empty: give redis://host:6379/0, a comma-separated shard list or sentinel://h1:26379,h2:26379/mymaster")
+        raise ConfigError(
+            "REDIS_URL is empty: give redis://host:6379/0, a comma-separated shard list or sentinel://h1:26379,h2:26379/mymaster"
+        )
     scheme = value.split("://", 1)[0].lower() if "://" in value else ""
     if scheme in SENTINEL_SCHEMES:
         return [_sentinel_host(value)]

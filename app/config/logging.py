@@ -3,11 +3,12 @@
 Log pipelines (Loki, CloudWatch, Elasticsearch) index the fields without
 parsing; ``replica`` tells which of many identical pods said it.
 """
+
 import json
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 REPLICA = os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -15,7 +16,7 @@ REPLICA = os.environ.get("POD_NAME") or socket.gethostname()
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "replica": REPLICA,

@@ -5,6 +5,7 @@ layer. Anything a production replica must set is checked here and fails with
 one line naming the variable, rather than serving with an unsafe default.
 The README's environment table lists every name read below.
 """
+
 import os
 import socket
 from pathlib import Path
@@ -19,7 +20,6 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", DEV_SECRET_KEY)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
-
 
 
 if not DEBUG:
@@ -146,7 +146,8 @@ def _with_connection_options(host) -> dict:
     """
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialWithJitterBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     options = {
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),

@@ -1,6 +1,6 @@
 """HTTP routes; the WebSocket ones are in realtime/routing.py."""
-from django.urls import path
 
+from django.urls import path
 from realtime import views
 
 urlpatterns = [

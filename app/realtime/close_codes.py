@@ -4,6 +4,7 @@ After any of them a client reconnects with jittered backoff (through nginx,
 most likely to another replica) and resumes. The README's Limits section is
 the client-facing table; keep the two in step.
 """
+
 GOING_AWAY = 1001  # the replica is draining (deploy, scale-in)
 POLICY_VIOLATION = 1008  # abuse: kept flooding past its rate limit
 MESSAGE_TOO_BIG = 1009  # a frame over the transport limit (Daphne's 1 MiB)

@@ -5,6 +5,7 @@ realtime.server puts OPTIONS before the arguments it is given and the
 application after them, so whatever starts a replica runs it as production
 does (an option given again on the command line wins: argparse keeps the last).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,13 @@ import os
 PING_INTERVAL_SECONDS = 20
 PING_TIMEOUT_SECONDS = 30
 # --proxy-headers: the client address is nginx's X-Forwarded-For.
-OPTIONS = ("--proxy-headers", "--ping-interval", str(PING_INTERVAL_SECONDS), "--ping-timeout", str(PING_TIMEOUT_SECONDS))
+OPTIONS = (
+    "--proxy-headers",
+    "--ping-interval",
+    str(PING_INTERVAL_SECONDS),
+    "--ping-timeout",
+    str(PING_TIMEOUT_SECONDS),
+)
 APPLICATION = "config.asgi:application"
 
 

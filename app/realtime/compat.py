@@ -26,6 +26,7 @@ fast path that need them:
 replica runs on untested versions, for tests) or ``force`` (skip the version
 comparison, not the name check: the canary, trying newer releases).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,9 +75,7 @@ LAYER = Piece(
 )
 WRITES = Piece("direct socket writes", "Twisted's buffered writes", ("twisted", "autobahn"))
 REPLIES = Piece("Daphne's reply short cut", "Daphne's own handle_reply", ("daphne",))
-CONSUMERS = Piece(
-    "the one-source consumer loop", "Channels' own consumer loop and dispatch", ("channels",)
-)
+CONSUMERS = Piece("the one-source consumer loop", "Channels' own consumer loop and dispatch", ("channels",))
 PIECES = (LAYER, WRITES, REPLIES, CONSUMERS)
 
 
@@ -121,10 +120,21 @@ USED_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
         "channels_redis.utils": ("_wrap_close",),
         "channels_redis.pubsub:RedisPubSubChannelLayer": ("_get_layer", "_layers", "_args", "_kwargs"),
         "channels_redis.pubsub:RedisPubSubLoopLayer": (
-            "_shards", "_get_shard", "_get_group_channel_name", "channels", "groups", "prefix",
+            "_shards",
+            "_get_shard",
+            "_get_group_channel_name",
+            "channels",
+            "groups",
+            "prefix",
         ),
         "channels_redis.pubsub:RedisSingleShardConnection": (
-            "_lock", "_redis", "_pubsub", "_subscribed_to", "_ensure_redis", "_do_receiving", "_receive_message",
+            "_lock",
+            "_redis",
+            "_pubsub",
+            "_subscribed_to",
+            "_ensure_redis",
+            "_do_receiving",
+            "_receive_message",
         ),
     },
     "redis": {
@@ -133,17 +143,35 @@ USED_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "twisted": {
         "twisted.internet.tcp:Server": (
-            "TLS", "connected", "disconnecting", "socket", "_writeDisconnected", "_tempDataLen", "offset", "dataBuffer",
+            "TLS",
+            "connected",
+            "disconnecting",
+            "socket",
+            "_writeDisconnected",
+            "_tempDataLen",
+            "offset",
+            "dataBuffer",
         ),
     },
     "autobahn": {
         "autobahn.websocket.protocol:WebSocketServerProtocol": (
-            "sendData", "send_queue", "state", "STATE_OPEN", "sendCloseFrame", "sendPreparedMessage",
+            "sendData",
+            "send_queue",
+            "state",
+            "STATE_OPEN",
+            "sendCloseFrame",
+            "sendPreparedMessage",
         ),
         "autobahn.websocket.protocol:WebSocketServerFactory": ("prepareMessage",),
     },
     "daphne": {
-        "daphne.server:Server": ("handle_reply", "connections", "ws_factory", "listen_success", "protocol_disconnected"),
+        "daphne.server:Server": (
+            "handle_reply",
+            "connections",
+            "ws_factory",
+            "listen_success",
+            "protocol_disconnected",
+        ),
         "daphne.ws_protocol:WebSocketProtocol": ("serverSend", "serverClose", "serverReject", "handshake_deferred"),
     },
     "channels": {
@@ -166,7 +194,9 @@ def fast_path_mode() -> str:
 def why_off(piece: Piece, mode: str) -> str | None:
     """Why ``piece`` cannot run here (naming its package and version), or None."""
     if mode == "off":
-        return "FAST_PATH=off, with " + ", ".join(f"{package} {installed_version(package)}" for package in piece.packages)
+        return "FAST_PATH=off, with " + ", ".join(
+            f"{package} {installed_version(package)}" for package in piece.packages
+        )
     for package in piece.packages:
         version = installed_version(package)
         if mode == "auto" and version not in VERIFIED[package]:

@@ -3,6 +3,7 @@
 Every frame goes through ``protocol``; whatever a client sends, the answer is
 a frame (a reply or an error), never a dead consumer.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +12,8 @@ import functools
 import logging
 import time
 
-from channels.layers import get_channel_layer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from realtime import close_codes, compat, history, metrics, protocol
@@ -120,7 +121,9 @@ class JsonFrameConsumer(compat.ConsumerLifecycle, AsyncWebsocketConsumer):
         if not self.closing and hasattr(self, "base_send"):
             self.closing = True
             # Not awaited in the fan-out's task; Daphne queues nothing for it.
-            closing = asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": close_codes.SERVER_ERROR}))
+            closing = asyncio.ensure_future(
+                self.base_send({"type": "websocket.close", "code": close_codes.SERVER_ERROR})
+            )
             closing.add_done_callback(_report_failed_close)
 
     # --- connection lifecycle -------------------------------------------
@@ -399,7 +402,11 @@ class ChatConsumer(JsonFrameConsumer):
         metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "out_of_sequence").inc()
         logger.info(
             "%s: got offset %s of epoch %s after %s of %s; closing with 4000 to resume",
-            self.group, offset, epoch, self.last_offset, self.epoch,
+            self.group,
+            offset,
+            epoch,
+            self.last_offset,
+            self.epoch,
         )
         await self.close(code=close_codes.FELL_BEHIND)
 

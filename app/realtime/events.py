@@ -11,6 +11,7 @@ is made by the first and kept on the event for the others (``made``); the
 frame, a ``SharedFrame``, keeps the WebSocket frame autobahn builds from it
 the same way (``prepared``). Nothing is cached by identity anywhere else.
 """
+
 from __future__ import annotations
 
 import copy

@@ -21,6 +21,7 @@ The stream keeps at most ``ROOM_HISTORY_SIZE`` entries (exact trim) and, with
 a TTL, the history is forgotten that long after the room's last publish; the
 epoch lives as long after the room's last publish or join.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -45,25 +46,34 @@ if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 """
 
 # ARGV[3] pub/sub channel, ARGV[4] payload, ARGV[5] max entries.
-PUBLISH_SCRIPT = EPOCH + """
+PUBLISH_SCRIPT = (
+    EPOCH
+    + """
 top = redis.call('HINCRBY', KEYS[2], 'offset', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '0-' .. top, 'd', ARGV[4])
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 redis.call('PUBLISH', ARGV[3], 'H' .. top .. ':' .. epoch .. ':' .. ARGV[4])
 return {epoch, top}
 """
+)
 
-POSITION_SCRIPT = EPOCH + """
+POSITION_SCRIPT = (
+    EPOCH
+    + """
 return {epoch, top}
 """
+)
 
 # ARGV[3] the member's epoch, ARGV[4] its offset: the range starts after it
 # in the same epoch, at the beginning in another.
-SINCE_SCRIPT = EPOCH + """
+SINCE_SCRIPT = (
+    EPOCH
+    + """
 local start = '-'
 if epoch == ARGV[3] then start = '(0-' .. ARGV[4] end
 return {epoch, top, redis.call('XRANGE', KEYS[1], start, '+')}
 """
+)
 
 # What the script publishes starts with this byte; a serialized message (a
 # msgpack map, 0x80-0x8f, 0xde or 0xdf) never does.

@@ -46,6 +46,7 @@ the link lost: every member of a group on that shard gets
 and nothing after it, the replica reports not ready, and the shard replaces
 its subscription connection and resubscribes until Redis answers again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,7 +86,9 @@ PINGS_PER_LINK_TIMEOUT = 5
 # Past capacity a replica delivers late: the messages wait in memory, and the
 # backlog gauge (read when scraped, free per message) shows it.
 _live_layers: weakref.WeakSet = weakref.WeakSet()
-metrics.FANOUT_BACKLOG.labels(metrics.REPLICA).set_function(lambda: sum(len(layer._pending) for layer in list(_live_layers)))
+metrics.FANOUT_BACKLOG.labels(metrics.REPLICA).set_function(
+    lambda: sum(len(layer._pending) for layer in list(_live_layers))
+)
 FANOUT_SHED = metrics.FANOUT_SHED.labels(metrics.REPLICA)
 HISTORY_APPENDS = metrics.HISTORY_APPENDS.labels(metrics.REPLICA)
 

@@ -1,4 +1,5 @@
 """Per-connection limits: a token bucket for message rate."""
+
 from __future__ import annotations
 
 import time

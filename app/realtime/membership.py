@@ -19,6 +19,7 @@ as soon as a shard answers again after failing, or answers with a new
 The pub/sub layer needs none of this: its groups live in process memory and
 redis-py resubscribes after a reconnect.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,7 +68,7 @@ class MembershipKeeper:
                     await self.refresh(layer)
                     last_refresh = time.monotonic()
                 unreachable = False
-            except (OSError, asyncio.TimeoutError, RedisError) as error:
+            except (TimeoutError, OSError, RedisError) as error:
                 # Redis is down: /readyz says so; try again next round.
                 if not unreachable:
                     logger.warning("membership check failed, Redis unreachable: %r", error)

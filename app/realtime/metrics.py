@@ -4,6 +4,7 @@ Daphne replicas are single processes and use the default registry. gunicorn
 runs several workers: with PROMETHEUS_MULTIPROC_DIR set (the image's gunicorn
 role sets it) the workers write to shared files and /metrics adds them up.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,13 +81,17 @@ OVERLOADED = Gauge(
     ["replica"],
     multiprocess_mode="max",
 )
-HISTORY_APPENDS = Counter("blueprint_history_appends", "Messages appended to a room's history (and published)", ["replica"])
+HISTORY_APPENDS = Counter(
+    "blueprint_history_appends", "Messages appended to a room's history (and published)", ["replica"]
+)
 HISTORY_RESUMES = Counter(
     "blueprint_history_resumes",
     "Members that resumed from a position: recovered (got every message they missed) or not (told recovered: false)",
     ["replica", "recovered"],
 )
-HISTORY_REPLAYED = Counter("blueprint_history_replayed_messages", "Messages replayed from history to members that resumed", ["replica"])
+HISTORY_REPLAYED = Counter(
+    "blueprint_history_replayed_messages", "Messages replayed from history to members that resumed", ["replica"]
+)
 REDIS_LINK_UP = Gauge(
     "blueprint_redis_link_up",
     "1 while every Redis subscription link of the replica answers; 0 while one is lost (members closed with 1012)",

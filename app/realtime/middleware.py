@@ -14,6 +14,7 @@ root path is refused: the blueprint is served at ``/``, nginx clears the
 header, and with it ``/ws/`` (which nginx sends to Daphne) could serve
 every page.
 """
+
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction
 from django.core.handlers.asgi import ASGIRequest
 from django.http import JsonResponse

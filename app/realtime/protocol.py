@@ -3,6 +3,7 @@
 Consumers and the HTTP broadcast view share these, so a frame is validated
 and shaped in exactly one place, and the rules are testable without sockets.
 """
+
 from __future__ import annotations
 
 import json

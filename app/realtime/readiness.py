@@ -23,6 +23,7 @@ the connections the consumers use. gunicorn's sync workers have no loop: one
 daemon thread per worker runs one for the checks, which also keeps the layer's
 Redis connections from one check to the next.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -117,7 +118,7 @@ class Readiness:
         try:
             await asyncio.wait_for(self._round_trip(), settings.READYZ_TIMEOUT_SECONDS)
             reason = ""
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = TIMED_OUT
         except Exception as error:  # whatever the layer raises, the replica is not ready
             reason = f"channel layer: {type(error).__name__}: {error}"

@@ -3,6 +3,7 @@
 One Daphne process is one replica; this state is per process, read by
 /readyz, the consumers and /metrics.
 """
+
 from __future__ import annotations
 
 import logging

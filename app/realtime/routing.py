@@ -1,4 +1,5 @@
 """WebSocket URL routes; the HTTP ones are in config/urls.py."""
+
 from django.urls import re_path
 
 from realtime import consumers

@@ -24,6 +24,7 @@ readable) without telling Twisted, so the connection is never lost, its
 consumer never disconnects, and every reset leaks a slot of
 WS_MAX_CONNECTIONS (tests/integration/test_hostile_clients.py).
 """
+
 from __future__ import annotations
 
 import asyncio

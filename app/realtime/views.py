@@ -1,4 +1,5 @@
 """HTTP side: the chat page, health and readiness, and the broadcast API."""
+
 from __future__ import annotations
 
 import hmac

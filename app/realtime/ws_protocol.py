@@ -18,6 +18,7 @@ queue dropped. Control frames (pings, pongs, close) never wait in the queue:
 a slow client still gets its pings, and the drain's 1001 or the 4000, behind
 at most what the transport already holds.
 """
+
 from __future__ import annotations
 
 import collections

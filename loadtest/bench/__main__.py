@@ -7,6 +7,7 @@
 Writes <out>.json, <out>.md and <out>.png and prints the table. Traffic goes
 only to the loopback stacks it starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,15 @@ def log(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="small numbers: proves the benchmark still works, measures nothing")
-    parser.add_argument("--configs", default=",".join(c.name for c in CONFIGURATIONS), help="comma-separated configuration names")
-    parser.add_argument("--out", type=Path, help="output path without suffix (default loadtest/reports/bench or bench-smoke)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="small numbers: proves the benchmark still works, measures nothing"
+    )
+    parser.add_argument(
+        "--configs", default=",".join(c.name for c in CONFIGURATIONS), help="comma-separated configuration names"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output path without suffix (default loadtest/reports/bench or bench-smoke)"
+    )
     parser.add_argument("--stack-log", type=Path, help="the stacks' own output (default: next to --out, .stack.log)")
     args = parser.parse_args(argv)
     try:
@@ -68,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         "open_file_limit": limit,
         "plan": plan_dict(plan),
     }
-    log(f"capacity benchmark ({meta['mode']}): {', '.join(c.name for c in configurations)}; "
-        f"load average {meta['load_average_start']}; stacks' output in {stack_log_path}")
+    log(
+        f"capacity benchmark ({meta['mode']}): {', '.join(c.name for c in configurations)}; "
+        f"load average {meta['load_average_start']}; stacks' output in {stack_log_path}"
+    )
     results = []
     with open(stack_log_path, "w") as stack_log:
         for configuration in configurations:
@@ -85,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     log(report.table(built))
     log("")
     log(report.targets_table(built))
-    log(f"\nwritten: {', '.join(str(path) for path in paths.values())}; {meta['seconds']:.0f} s in all, "
-        f"load average at the end {meta['load_average_end']}")
+    log(
+        f"\nwritten: {', '.join(str(path) for path in paths.values())}; {meta['seconds']:.0f} s in all, "
+        f"load average at the end {meta['load_average_end']}"
+    )
     if args.smoke:
         return smoke_verdict(built)
     return 0
@@ -95,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 def smoke_verdict(built: dict) -> int:
     """The smoke plan's rates are far below any configuration's limit: anything lost is a broken benchmark or stack."""
     broken = [
-        name for name, summary in built["summaries"].items()
+        name
+        for name, summary in built["summaries"].items()
         if summary["runs_with_a_pass"] < summary["runs"] or summary["broadcast_lost"]
     ]
     if broken:

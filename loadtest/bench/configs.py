@@ -1,4 +1,5 @@
 """The configurations the benchmark compares: each is a local stack, 3 replicas behind nginx."""
+
 from __future__ import annotations
 
 import sys
@@ -25,7 +26,9 @@ def raw_replica(port: int) -> list[str]:
 CONFIGURATIONS = [
     Configuration("daphne-redis", "Daphne + RedisChannelLayer (the Channels docs' default)", "redis"),
     Configuration("daphne-pubsub", "Daphne + RedisPubSubChannelLayer", "redis-pubsub"),
-    Configuration("daphne-fanout", "Daphne + the blueprint's fan-out layer (realtime.layers), the default", "redis-fanout"),
+    Configuration(
+        "daphne-fanout", "Daphne + the blueprint's fan-out layer (realtime.layers), the default", "redis-fanout"
+    ),
     # The cost of the delivery guarantees: the default without room history
     # (every publish then a plain PUBLISH, no offsets, no resume).
     Configuration(
@@ -34,7 +37,9 @@ CONFIGURATIONS = [
         "redis-fanout",
         env={"ROOM_HISTORY_SIZE": "0"},
     ),
-    Configuration(BASELINE, "raw baseline: websockets + redis.asyncio pub/sub, no Channels", replica_command=raw_replica),
+    Configuration(
+        BASELINE, "raw baseline: websockets + redis.asyncio pub/sub, no Channels", replica_command=raw_replica
+    ),
 ]
 
 

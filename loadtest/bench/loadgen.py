@@ -8,6 +8,7 @@ is counted as lost, never dropped from the figures. The generator measures its
 own CPU (process time over wall time, 1.0 = one full core): a saturated
 generator delays its own reads, so such a measurement is flagged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -171,7 +172,9 @@ class Fleet:
         opened = [member for member in members if member.client is not None]
         self.rooms.setdefault(room, []).extend(opened)
         if failures:
-            raise ConnectError(f"{len(failures)} of {count} sockets to room {room} failed to open; first: {failures[0]!r}")
+            raise ConnectError(
+                f"{len(failures)} of {count} sockets to room {room} failed to open; first: {failures[0]!r}"
+            )
         return members
 
     async def _connect(self, member: Member) -> None:
@@ -179,12 +182,18 @@ class Fleet:
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 client = await connect(
-                    self.host, self.port, f"/ws/chat/{member.room}/", origin=self.origin,
-                    on_text=member.on_text, on_close=member.on_close, source=next(self._sources), timeout=self.timeout,
+                    self.host,
+                    self.port,
+                    f"/ws/chat/{member.room}/",
+                    origin=self.origin,
+                    on_text=member.on_text,
+                    on_close=member.on_close,
+                    source=next(self._sources),
+                    timeout=self.timeout,
                 )
                 try:
                     await asyncio.wait_for(asyncio.shield(member.welcomed), self.timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     client.transport.abort()
                     raise
                 member.client = client
@@ -192,7 +201,7 @@ class Fleet:
             except HandshakeRefused as error:
                 if error.status not in RETRY_STATUSES or attempt == CONNECT_ATTEMPTS:
                     raise
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 if attempt == CONNECT_ATTEMPTS:
                     raise
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))

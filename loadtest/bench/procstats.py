@@ -1,4 +1,5 @@
 """What the stack's processes cost (CPU, RSS), and what machine they ran on."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -21,10 +22,13 @@ WANTED_OPEN_FILES = 65536
 
 def listening_pids(port: int) -> list[int]:
     """Processes with a socket listening on ``port`` (an nginx master and its workers share one)."""
-    return sorted({
-        connection.pid for connection in psutil.net_connections(kind="tcp")
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid
-    })
+    return sorted(
+        {
+            connection.pid
+            for connection in psutil.net_connections(kind="tcp")
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid
+        }
+    )
 
 
 class CpuMeter:

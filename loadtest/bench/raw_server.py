@@ -11,6 +11,7 @@ Django, no Channels consumer per socket, no Twisted. A replica subscribes once
 per room that has local members, encodes each delivery once and writes it to
 every local member. This is the practical limit of Python on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,11 @@ import os
 import re
 import signal
 
+from realtime import protocol
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
-
-from realtime import protocol
 
 CHAT_PATH = re.compile(r"/ws/chat/([^/]+)/")
 # The same keepalive the Daphne replicas run with.
@@ -58,8 +58,10 @@ class RawFanoutServer:
         if request.path == "/readyz":
             try:
                 await asyncio.wait_for(self.redis.ping(), 2.0)
-            except (OSError, asyncio.TimeoutError, RedisError) as error:
-                return connection.respond(503, json.dumps({"status": "unavailable", "pod": self.pod, "reason": repr(error)}))
+            except (TimeoutError, OSError, RedisError) as error:
+                return connection.respond(
+                    503, json.dumps({"status": "unavailable", "pod": self.pod, "reason": repr(error)})
+                )
             return connection.respond(200, json.dumps({"status": "ok", "pod": self.pod}))
         match = CHAT_PATH.fullmatch(request.path)
         if not match or not protocol.is_valid_room(match.group(1)):
@@ -83,7 +85,9 @@ class RawFanoutServer:
     async def on_frame(self, room: str, connection: ServerConnection, text) -> None:
         try:
             payload = protocol.decode_text_frame(
-                text if isinstance(text, str) else None, text if isinstance(text, bytes) else None, self.max_message_bytes
+                text if isinstance(text, str) else None,
+                text if isinstance(text, bytes) else None,
+                self.max_message_bytes,
             )
             event = protocol.chat_event(payload, origin=self.pod)
         except protocol.FrameError as error:
@@ -122,7 +126,9 @@ async def serve_forever(host: str, port: int) -> None:
         # Publishes wait for a free connection instead of failing: redis-py's
         # default pool raises MaxConnectionsError past 100 at once, which under
         # overload killed publishing sockets with 1011.
-        redis=Redis(connection_pool=BlockingConnectionPool.from_url(os.environ["REDIS_URL"], max_connections=REDIS_CONNECTIONS)),
+        redis=Redis(
+            connection_pool=BlockingConnectionPool.from_url(os.environ["REDIS_URL"], max_connections=REDIS_CONNECTIONS)
+        ),
         prefix=os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
         max_message_bytes=int(os.environ.get("WS_MAX_MESSAGE_BYTES", 64 * 1024)),
     )
@@ -130,9 +136,14 @@ async def serve_forever(host: str, port: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     async with serve(
-        server_state.handle, host, port, process_request=server_state.process_request,
-        compression=None, max_size=server_state.max_message_bytes,
-        ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
+        server_state.handle,
+        host,
+        port,
+        process_request=server_state.process_request,
+        compression=None,
+        max_size=server_state.max_message_bytes,
+        ping_interval=PING_INTERVAL,
+        ping_timeout=PING_TIMEOUT,
     ):
         await stop
 

@@ -1,4 +1,5 @@
 """The benchmark's results as medians, a markdown table, a JSON file and a PNG plot."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,8 @@ def summarize(result: dict) -> dict:
         "time_capped": any(run["time_capped"] for run in runs),
         "replica_cpu_us_per_delivery": _median([best["replica_cpu_us_per_delivery"] for best in bests]),
         "overload": {key: overload[key] for key in ("offered_rate", "owed", "lost", "lost_pct", "late", "p99_ms")}
-        if overload else None,
+        if overload
+        else None,
         "rss_kib_per_socket": broadcast["rss_kib_per_socket"],
         "broadcast_sockets": broadcast["sockets"],
         "broadcast_ms": _median([b["completion_ms"] for b in broadcast["broadcasts"]]),
@@ -78,13 +80,14 @@ def targets(summary: dict, baseline: dict, ladder: list[float], p99s: dict[float
         "p99_at_half_rate_ms": p99s.get(half),
         # Judged on the median p99 measured there; a rung the climb stepped
         # over counts as met when a higher rate passed.
-        "half_rate_met": half is not None and (
-            p99s[half] <= TARGET_HALF_RATE_P99_MS if half in p99s else summary["max_rate"] >= half
-        ),
+        "half_rate_met": half is not None
+        and (p99s[half] <= TARGET_HALF_RATE_P99_MS if half in p99s else summary["max_rate"] >= half),
         "memory_met": summary["rss_kib_per_socket"] <= TARGET_KIB_PER_SOCKET,
         "broadcast_met": (
-            summary["broadcast_sockets"] >= TARGET_BROADCAST_SOCKETS and summary["broadcast_lost"] == 0
-            and summary["broadcast_ms"] is not None and summary["broadcast_ms"] <= TARGET_BROADCAST_MS
+            summary["broadcast_sockets"] >= TARGET_BROADCAST_SOCKETS
+            and summary["broadcast_lost"] == 0
+            and summary["broadcast_ms"] is not None
+            and summary["broadcast_ms"] <= TARGET_BROADCAST_MS
         ),
     }
 
@@ -116,14 +119,23 @@ def table(report: dict) -> str:
     ]
     for summary in report["summaries"].values():
         over = summary["overload"]
-        lost = (f"{over['lost']} of {over['owed']} lost ({_fmt(over['lost_pct'])} %), {over['late']} late, "
-                f"p99 {_fmt(over['p99_ms'])} ms at {_fmt(over['offered_rate'])} msg/s") if over else "–"
+        lost = (
+            (
+                f"{over['lost']} of {over['owed']} lost ({_fmt(over['lost_pct'])} %), {over['late']} late, "
+                f"p99 {_fmt(over['p99_ms'])} ms at {_fmt(over['offered_rate'])} msg/s"
+            )
+            if over
+            else "–"
+        )
         bound = " (generator-bound: a lower bound)" if summary["generator_bound"] else ""
         bound += " (a run hit its time bound: a lower bound)" if summary["time_capped"] else ""
-        broadcast = f"{_fmt(summary['broadcast_ms'])} ms" + (f", {summary['broadcast_lost']} lost" if summary["broadcast_lost"] else "")
+        broadcast = f"{_fmt(summary['broadcast_ms'])} ms" + (
+            f", {summary['broadcast_lost']} lost" if summary["broadcast_lost"] else ""
+        )
         lines.append(
             f"| {summary['name']} | {_fmt(summary['max_rate'])}{bound} | {_fmt(summary['deliveries_per_s'])} "
-            f"| {_fmt(summary['ratio_to_raw'])} | {_fmt(summary['p50_ms'])} / {_fmt(summary['p95_ms'])} / {_fmt(summary['p99_ms'])} "
+            f"| {_fmt(summary['ratio_to_raw'])} | {_fmt(summary['p50_ms'])} / {_fmt(summary['p95_ms'])} / "
+            f"{_fmt(summary['p99_ms'])} "
             f"| {' / '.join(_fmt(cpu) for cpu in summary['cpu_per_replica'])} "
             f"| {_fmt(summary['replica_cpu_us_per_delivery'])} µs | {_fmt(summary['generator_cpu'])} "
             f"| {lost} | {_fmt(summary['rss_kib_per_socket'])} KiB | {broadcast} |"
@@ -133,8 +145,10 @@ def table(report: dict) -> str:
 
 def targets_table(report: dict) -> str:
     lines = [
-        f"| configuration | throughput ≥ {TARGET_THROUGHPUT_RATIO} × raw | p99 ≤ {TARGET_HALF_RATE_P99_MS:g} ms at half the raw rate "
-        f"| ≤ {TARGET_KIB_PER_SOCKET:g} KiB per idle socket | {TARGET_BROADCAST_SOCKETS:,}-socket broadcast ≤ {TARGET_BROADCAST_MS / 1000:g} s |",
+        f"| configuration | throughput ≥ {TARGET_THROUGHPUT_RATIO} × raw | p99 ≤ {TARGET_HALF_RATE_P99_MS:g} ms "
+        "at half the raw rate "
+        f"| ≤ {TARGET_KIB_PER_SOCKET:g} KiB per idle socket | {TARGET_BROADCAST_SOCKETS:,}-socket broadcast ≤ "
+        f"{TARGET_BROADCAST_MS / 1000:g} s |",
         "|---|---|---|---|---|",
     ]
     mark = {True: "met", False: "**not met**"}
@@ -146,7 +160,8 @@ def targets_table(report: dict) -> str:
             f"| {summary['name']} | {mark[target['throughput_met']]} ({_fmt(target['throughput_ratio'])}) "
             f"| {mark[target['half_rate_met']]} ({half_rate(summary, target)}) "
             f"| {mark[target['memory_met']]} ({_fmt(summary['rss_kib_per_socket'])} KiB) "
-            f"| {mark[target['broadcast_met']]} ({_fmt(summary['broadcast_ms'])} ms to {summary['broadcast_sockets']:,}) |"
+            f"| {mark[target['broadcast_met']]} ({_fmt(summary['broadcast_ms'])} ms to "
+            f"{summary['broadcast_sockets']:,}) |"
         )
     return "\n".join(lines)
 
@@ -164,26 +179,32 @@ def half_rate(summary: dict, target: dict) -> str:
 def markdown(report: dict, plot_name: str) -> str:
     machine, plan = report["machine"], report["plan"]
     packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
-    return "\n".join([
-        f"# Capacity benchmark ({report['mode']})",
-        "",
-        f"Machine: {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['cpu_model']}, Linux {machine['kernel']}; "
-        f"load average {report['load_average_start']} at the start, {report['load_average_end']} at the end; "
-        f"open-file limit {report['open_file_limit']}.",
-        f"Versions: Python {machine['python']}, {packages}, {machine['redis_server']}, {machine['nginx']}.",
-        f"Method: 3 replicas behind nginx, one asyncio load generator on the same machine; {plan['rooms']} rooms of "
-        f"{plan['room_size']} sockets, each message owed to its {plan['room_size']} members; rates stepped on a "
-        f"×{plan['rung_factor']:g} ladder, {plan['step_seconds']:g} s per step; a step passes with every delivery made "
-        f"and p99 ≤ {plan['max_p99_ms']:g} ms. Medians of {plan['runs']} runs; memory over {plan['memory_batches']} batches "
-        f"× 3 replicas; broadcast medians of {plan['broadcasts']}. Total {report['seconds']:.0f} s.",
-        "",
-        table(report),
-        "",
-        targets_table(report),
-        "",
-        f"![p99 fan-out latency against offered rate]({plot_name})",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Capacity benchmark ({report['mode']})",
+            "",
+            f"Machine: {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['cpu_model']}, Linux "
+            f"{machine['kernel']}; "
+            f"load average {report['load_average_start']} at the start, {report['load_average_end']} at the end; "
+            f"open-file limit {report['open_file_limit']}.",
+            f"Versions: Python {machine['python']}, {packages}, {machine['redis_server']}, {machine['nginx']}.",
+            f"Method: 3 replicas behind nginx, one asyncio load generator on the same machine; {plan['rooms']} "
+            "rooms of "
+            f"{plan['room_size']} sockets, each message owed to its {plan['room_size']} members; rates stepped on a "
+            f"×{plan['rung_factor']:g} ladder, {plan['step_seconds']:g} s per step; a step passes with every "
+            "delivery made "
+            f"and p99 ≤ {plan['max_p99_ms']:g} ms. Medians of {plan['runs']} runs; memory over "
+            f"{plan['memory_batches']} batches "
+            f"× 3 replicas; broadcast medians of {plan['broadcasts']}. Total {report['seconds']:.0f} s.",
+            "",
+            table(report),
+            "",
+            targets_table(report),
+            "",
+            f"![p99 fan-out latency against offered rate]({plot_name})",
+            "",
+        ]
+    )
 
 
 def plot(report: dict, path: Path) -> None:
@@ -202,7 +223,9 @@ def plot(report: dict, path: Path) -> None:
     axes.set_xlabel(f"offered publish rate (messages/s; each delivered to {report['plan']['room_size']} sockets)")
     axes.set_ylabel("p99 fan-out latency (ms), median of runs")
     machine = report["machine"]
-    axes.set_title(f"Chat fan-out, 3 replicas behind nginx — {machine['cores']} cores, {machine['cpu_model']}", fontsize=9)
+    axes.set_title(
+        f"Chat fan-out, 3 replicas behind nginx — {machine['cores']} cores, {machine['cpu_model']}", fontsize=9
+    )
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()

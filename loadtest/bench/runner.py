@@ -19,6 +19,7 @@ Memory and broadcast: ``broadcast_sockets`` members of one room, opened in
 every batch. Then one message to the whole room, ``broadcasts`` times: its
 completion time is the last member's delivery.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,16 +73,36 @@ class Plan:
 
 
 SMOKE_PLAN = Plan(
-    rooms=4, room_size=10, runs=1, min_rate=10.0, max_rate=20.0, rung_factor=2.0, step_seconds=1.0,
-    first_run_seconds=30.0, later_run_seconds=30.0, grace_seconds=2.0, drain_seconds=2.0, max_p99_ms=1000.0, overload_factor=1.0, overload_seconds=1.0,
-    overload_drain_seconds=2.0, broadcast_sockets=300, memory_batches=2, broadcasts=1,
+    rooms=4,
+    room_size=10,
+    runs=1,
+    min_rate=10.0,
+    max_rate=20.0,
+    rung_factor=2.0,
+    step_seconds=1.0,
+    first_run_seconds=30.0,
+    later_run_seconds=30.0,
+    grace_seconds=2.0,
+    drain_seconds=2.0,
+    max_p99_ms=1000.0,
+    overload_factor=1.0,
+    overload_seconds=1.0,
+    overload_drain_seconds=2.0,
+    broadcast_sockets=300,
+    memory_batches=2,
+    broadcasts=1,
 )
 
 
 def _passed(step: dict, plan: Plan) -> bool:
     return (
-        step["lost"] == 0 and step["duplicates"] == 0 and not step["errors"] and not step["sockets_closed"]
-        and step["p99_ms"] is not None and step["p99_ms"] <= plan.max_p99_ms and not step["generator_saturated"]
+        step["lost"] == 0
+        and step["duplicates"] == 0
+        and not step["errors"]
+        and not step["sockets_closed"]
+        and step["p99_ms"] is not None
+        and step["p99_ms"] <= plan.max_p99_ms
+        and not step["generator_saturated"]
     )
 
 
@@ -113,10 +134,21 @@ class Bench:
             # What is still on its way arrives late (judged as a failure); what
             # never arrives within the drain is lost.
             await fleet.quiet(0.3, drain or plan.drain_seconds)
-        result = self._step_result(ledger, rate, sent, sending, late, cpu, generator_cpu,
-                                   dict(fleet.errors - errors_before), dict(fleet.lost_sockets - closed_before))
+        result = self._step_result(
+            ledger,
+            rate,
+            sent,
+            sending,
+            late,
+            cpu,
+            generator_cpu,
+            dict(fleet.errors - errors_before),
+            dict(fleet.lost_sockets - closed_before),
+        )
         replica_seconds = sum(meter.seconds[name] for name in self.replica_pids)
-        result["replica_cpu_us_per_delivery"] = round(replica_seconds / ledger.received * 1e6, 1) if ledger.received else None
+        result["replica_cpu_us_per_delivery"] = (
+            round(replica_seconds / ledger.received * 1e6, 1) if ledger.received else None
+        )
         return result
 
     def _step_result(self, ledger: Ledger, rate, sent, sending, late, cpu, generator_cpu, errors, closed) -> dict:
@@ -139,7 +171,9 @@ class Bench:
             "max_ms": ledger.latency_ms(100),
             "cross_replica_share": round(
                 sum(n for (origin, served_by), n in ledger.pairs.items() if origin != served_by) / ledger.received, 3
-            ) if ledger.received else None,
+            )
+            if ledger.received
+            else None,
             "cpu": {**{name: cpu[name] for name in self.replica_pids}, "redis": cpu["redis"], "nginx": cpu["nginx"]},
             "generator_cpu": round(generator_cpu, 3),
             "generator_saturated": generator_cpu > SATURATED_CPU,
@@ -153,12 +187,15 @@ class Bench:
             step["passed"] = _passed(step, self.plan)
             step["repeat"] = repeat
             steps.append(step)
-            log(f"  run {run} {rate:>7.1f} msg/s: {'pass' if step['passed'] else 'FAIL'}{' (repeat)' if repeat else ''}  "
+            log(
+                f"  run {run} {rate:>7.1f} msg/s: "
+                f"{'pass' if step['passed'] else 'FAIL'}{' (repeat)' if repeat else ''}  "
                 f"p99 {step['p99_ms']} ms, lost {step['lost']}, late {step['late']}, "
                 f"replicas {'/'.join(str(step['cpu'][name]) for name in self.replica_pids)} cores, "
                 f"generator {step['generator_cpu']}"
                 + (f", error frames {step['errors']}" if step["errors"] else "")
-                + (f", sockets closed by the server {step['sockets_closed']}" if step["sockets_closed"] else ""))
+                + (f", sockets closed by the server {step['sockets_closed']}" if step["sockets_closed"] else "")
+            )
             if step["passed"] or step["generator_saturated"]:
                 break
         return step
@@ -205,7 +242,9 @@ class Bench:
         if failure and best and failure["offered_rate"] == ladder[best_index + 1] and time.monotonic() < deadline:
             # Halve the last rung (geometrically): the result is then known to
             # within sqrt(rung_factor), not a whole rung.
-            step = await self.attempt(publishers, round((best["offered_rate"] * failure["offered_rate"]) ** 0.5, 1), run, steps, log)
+            step = await self.attempt(
+                publishers, round((best["offered_rate"] * failure["offered_rate"]) ** 0.5, 1), run, steps, log
+            )
             if step["passed"]:
                 best = step
             elif not step["generator_saturated"] and not step["sockets_closed"]:
@@ -214,7 +253,9 @@ class Bench:
             "run": run,
             "best": best,
             "best_index": best_index,
-            "first_failure_above": failure if failure and best and failure["offered_rate"] > best["offered_rate"] else None,
+            "first_failure_above": failure
+            if failure and best and failure["offered_rate"] > best["offered_rate"]
+            else None,
             "generator_bound": bool(steps and steps[-1]["generator_saturated"]),
             "time_capped": time_capped,
             "steps": steps,
@@ -224,9 +265,14 @@ class Bench:
         """What happens above the limit: ``overload_factor`` × the lossless rate for
         longer, then a long drain; whatever never arrives is lost."""
         await self.fleet.repair()
-        step = await self.step(interleaved(self.fleet.rooms), rate, self.plan.overload_seconds, self.plan.overload_drain_seconds)
-        log(f"  overload {rate:.1f} msg/s for {self.plan.overload_seconds:g} s: lost {step['lost']} ({step['lost_pct']} %), "
-            f"late {step['late']}, p99 {step['p99_ms']} ms")
+        step = await self.step(
+            interleaved(self.fleet.rooms), rate, self.plan.overload_seconds, self.plan.overload_drain_seconds
+        )
+        log(
+            f"  overload {rate:.1f} msg/s for {self.plan.overload_seconds:g} s: lost {step['lost']} "
+            f"({step['lost_pct']} %), "
+            f"late {step['late']}, p99 {step['p99_ms']} ms"
+        )
         return step
 
     # --- memory and broadcast -----------------------------------------------
@@ -254,16 +300,22 @@ class Bench:
             ledger, errors_before = fleet.measure(), Counter(fleet.errors)
             fleet.rooms[BROADCAST_ROOM][number * 997 % sockets].publish(fleet.next_id())
             await fleet.settle(time.monotonic() + plan.broadcast_timeout)
-            broadcasts.append({
-                "sockets": sockets,
-                "delivered": ledger.received,
-                "lost": ledger.outstanding,
-                "completion_ms": ledger.latency_ms(100),
-                "p50_ms": ledger.latency_ms(50),
-                "errors": dict(fleet.errors - errors_before),
-            })
-            log(f"  broadcast {number + 1} to {sockets} sockets: last delivery after {broadcasts[-1]['completion_ms']} ms, "
-                f"lost {ledger.outstanding}" + (f", error frames {broadcasts[-1]['errors']}" if broadcasts[-1]["errors"] else ""))
+            broadcasts.append(
+                {
+                    "sockets": sockets,
+                    "delivered": ledger.received,
+                    "lost": ledger.outstanding,
+                    "completion_ms": ledger.latency_ms(100),
+                    "p50_ms": ledger.latency_ms(50),
+                    "errors": dict(fleet.errors - errors_before),
+                }
+            )
+            log(
+                f"  broadcast {number + 1} to {sockets} sockets: last delivery after "
+                f"{broadcasts[-1]['completion_ms']} ms, "
+                f"lost {ledger.outstanding}"
+                + (f", error frames {broadcasts[-1]['errors']}" if broadcasts[-1]["errors"] else "")
+            )
             await fleet.quiet(0.3, plan.drain_seconds)
         return {
             "sockets": sockets,
@@ -292,13 +344,23 @@ async def measure(stack: LocalStack, plan: Plan, log) -> dict:
 
 def run_configuration(configuration: Configuration, plan: Plan, stack_log, log) -> dict:
     started = time.monotonic()
-    with LocalStack(replicas=3, channel_layer=configuration.channel_layer, env=configuration.env, log=stack_log,
-                    replica_command=configuration.replica_command) as stack:
+    with LocalStack(
+        replicas=3,
+        channel_layer=configuration.channel_layer,
+        env=configuration.env,
+        log=stack_log,
+        replica_command=configuration.replica_command,
+    ) as stack:
         log(f"{configuration.name}: {configuration.summary} (stack up in {time.monotonic() - started:.0f} s)")
         # The generator on uvloop: less of the shared CPU for its own event loop.
         result = uvloop.run(measure(stack, plan, log))
-    result.update(name=configuration.name, summary=configuration.summary, channel_layer=configuration.channel_layer,
-                  env=configuration.env, seconds=round(time.monotonic() - started, 1))
+    result.update(
+        name=configuration.name,
+        summary=configuration.summary,
+        channel_layer=configuration.channel_layer,
+        env=configuration.env,
+        seconds=round(time.monotonic() - started, 1),
+    )
     return result
 
 

@@ -11,6 +11,7 @@ Scope, on purpose: text frames out (masked, as RFC 6455 requires of clients),
 text frames in, pings answered, close handled; no extensions (nothing is
 offered, so no server compresses), no binary messages.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,14 @@ class WsClient(asyncio.Protocol):
     """One socket. ``on_text(payload: bytes, received_at: float)`` gets every
     text message; ``on_close(client)`` runs once when the connection ends."""
 
-    def __init__(self, host: str, path: str, origin: str, on_text: Callable[[bytes, float], None],
-                 on_close: Callable[[WsClient], None] | None = None):
+    def __init__(
+        self,
+        host: str,
+        path: str,
+        origin: str,
+        on_text: Callable[[bytes, float], None],
+        on_close: Callable[[WsClient], None] | None = None,
+    ):
         self.host = host
         self.path = path
         self.origin = origin
@@ -148,12 +155,12 @@ class WsClient(asyncio.Protocol):
             if length == 126:
                 if size - start < 2:
                     break
-                length = int.from_bytes(buffer[start:start + 2], "big")
+                length = int.from_bytes(buffer[start : start + 2], "big")
                 start += 2
             elif length == 127:
                 if size - start < 8:
                     break
-                length = int.from_bytes(buffer[start:start + 8], "big")
+                length = int.from_bytes(buffer[start : start + 8], "big")
                 start += 8
             end = start + length
             if end > size:
@@ -164,7 +171,7 @@ class WsClient(asyncio.Protocol):
             del buffer[:position]
 
     def _frame(self, final: int, opcode: int, payload: bytes, received_at: float) -> None:
-        if opcode == TEXT or opcode == CONTINUATION:
+        if opcode in (TEXT, CONTINUATION):
             if not final:
                 self.fragments = (self.fragments or []) + [payload]
                 return
@@ -209,9 +216,17 @@ class WsClient(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect(host: str, port: int, path: str, *, origin: str, on_text: Callable[[bytes, float], None],
-                  on_close: Callable[[WsClient], None] | None = None, source: str | None = None,
-                  timeout: float = 10.0) -> WsClient:
+async def connect(
+    host: str,
+    port: int,
+    path: str,
+    *,
+    origin: str,
+    on_text: Callable[[bytes, float], None],
+    on_close: Callable[[WsClient], None] | None = None,
+    source: str | None = None,
+    timeout: float = 10.0,
+) -> WsClient:
     """Open a socket to ``ws://host:port/path``, from the local address ``source`` when given."""
     loop = asyncio.get_running_loop()
 

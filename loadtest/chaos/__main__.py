@@ -4,6 +4,7 @@
 
 Exits 0 only when every guarantee held in every fault window.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ from loadtest.chaos.runner import SCHEDULES, run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="full")
-    parser.add_argument("--out", type=Path, default=Path("loadtest/reports/chaos"),
-                        help="report path without suffix: .json, .md and .png are written")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("loadtest/reports/chaos"),
+        help="report path without suffix: .json, .md and .png are written",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("run as root: a Redis cut runs iptables inside a replica's network namespace (nsenter)")

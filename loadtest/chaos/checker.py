@@ -12,6 +12,7 @@ covered by a ``recovered: false`` welcome (the member was told it may have
 missed it). What else is measured: the longest stall (a delivery's time
 after its publish), reconnect times, replicas healthy again, peak memory.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -93,11 +94,24 @@ def owed_to(member: RoomMember, position: Position) -> bool:
     return position.epoch != joined.epoch or position.offset > joined.offset
 
 
-def check(windows: list[Window], members: dict[str, list[RoomMember]], publishes: list[Publish],
-          observer: Observer, memory_limit_bytes: int) -> Verdict:
+def check(
+    windows: list[Window],
+    members: dict[str, list[RoomMember]],
+    publishes: list[Publish],
+    observer: Observer,
+    memory_limit_bytes: int,
+) -> Verdict:
     results = [
-        WindowResult(w.name, w.kind, w.start, w.end, w.next_start, list(w.notes),
-                     stall_bound=w.outage_seconds + STALL_ALLOWANCE_SECONDS, checks=dict(w.checks))
+        WindowResult(
+            w.name,
+            w.kind,
+            w.start,
+            w.end,
+            w.next_start,
+            list(w.notes),
+            stall_bound=w.outage_seconds + STALL_ALLOWANCE_SECONDS,
+            checks=dict(w.checks),
+        )
         for w in windows
     ]
 
@@ -154,23 +168,26 @@ def check(windows: list[Window], members: dict[str, list[RoomMember]], publishes
                     result.reconnects += 1
                     result.longest_reconnect = max(result.longest_reconnect, reconnect.seconds)
 
-    for window, result in zip(windows, results):
+    for window, result in zip(windows, results, strict=True):
         # A fault counts from its repair; the baseline had none to repair.
         since = window.start if window.kind == "baseline" else window.end
         healthy = observer.healthy_at(since, window.replicas)
         result.healthy_after = None if healthy is None else max(0.0, healthy - since)
         peak, replica = observer.peak_rss(window.start, window.next_start)
         result.peak_rss_mib, result.peak_rss_replica = peak / 2**20, replica
-        result.checks.update({
-            "nothing acknowledged lost silently": result.lost == 0,
-            "no duplicates": result.duplicated == 0,
-            "nothing out of order": result.reordered == 0,
-            f"longest stall ≤ {result.stall_bound:.0f} s": result.longest_stall <= result.stall_bound,
-            f"healthy ≤ {HEALTHY_WITHIN_SECONDS:.0f} s after": result.healthy_after is not None
-            and result.healthy_after <= HEALTHY_WITHIN_SECONDS,
-            "RSS below the memory limit": peak < memory_limit_bytes,
-        })
+        result.checks.update(
+            {
+                "nothing acknowledged lost silently": result.lost == 0,
+                "no duplicates": result.duplicated == 0,
+                "nothing out of order": result.reordered == 0,
+                f"longest stall ≤ {result.stall_bound:.0f} s": result.longest_stall <= result.stall_bound,
+                f"healthy ≤ {HEALTHY_WITHIN_SECONDS:.0f} s after": result.healthy_after is not None
+                and result.healthy_after <= HEALTHY_WITHIN_SECONDS,
+                "RSS below the memory limit": peak < memory_limit_bytes,
+            }
+        )
 
-    not_connected = [f"{room} member {i}: {m.gave_up}" for room, ms in members.items()
-                     for i, m in enumerate(ms) if m.gave_up]
+    not_connected = [
+        f"{room} member {i}: {m.gave_up}" for room, ms in members.items() for i, m in enumerate(ms) if m.gave_up
+    ]
     return Verdict(results, not_connected, memory_limit_bytes / 2**20)

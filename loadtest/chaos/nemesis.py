@@ -11,6 +11,7 @@ Faults act on the project's own containers only: signals to their
 processes, ``iptables`` inside a replica's network namespace (entered with
 ``nsenter``), docker and ``make scale`` for restarts and scaling.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,9 +21,9 @@ import socket
 import time
 from base64 import b64encode
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from loadtest.chaos.observer import _HTTP, DAPHNE_PORT, Observer
 from loadtest.chaos.workload import Workload
@@ -91,6 +92,7 @@ def kill_replica(chaos_name: str = "kill -9 one replica") -> Fault:
         await chaos.docker("start", container)
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -108,6 +110,7 @@ def drain_replica() -> Fault:
         await chaos.docker("start", container)
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -121,6 +124,7 @@ def rolling_restart() -> Fault:
             window.notes.append(f"restarted {name}")
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -135,6 +139,7 @@ def scale(steps: tuple[int, ...] = (5, 2, 3), pause: float = 10.0) -> Fault:
         await old_nginx_workers_gone(chaos, window)
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -152,10 +157,17 @@ def cut_from_redis(seconds: float) -> Fault:
         name, container = chaos.busiest_replica()
         pid = chaos.stack.host_pid(container)
         addresses = redis_addresses(chaos)
-        rules = [rule for address in addresses
-                 for rule in (("INPUT", "-s", address, "-j", "DROP"), ("OUTPUT", "-d", address, "-j", "DROP"))]
-        window = Window(f"one replica cut from Redis for {seconds:g} s (iptables DROP)", "cut", time.time(),
-                        notes=[f"cut {name} from {', '.join(addresses)}"])
+        rules = [
+            rule
+            for address in addresses
+            for rule in (("INPUT", "-s", address, "-j", "DROP"), ("OUTPUT", "-d", address, "-j", "DROP"))
+        ]
+        window = Window(
+            f"one replica cut from Redis for {seconds:g} s (iptables DROP)",
+            "cut",
+            time.time(),
+            notes=[f"cut {name} from {', '.join(addresses)}"],
+        )
         for chain, *rest in rules:
             await iptables(pid, "-I", chain, *rest)
         try:
@@ -165,6 +177,7 @@ def cut_from_redis(seconds: float) -> Fault:
                 await iptables(pid, "-D", chain, *rest)
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -174,10 +187,15 @@ async def master_container(chaos: Chaos) -> str:
     sentinels = chaos.stack.containers("sentinel-1")
     if not sentinels:
         return chaos.stack.one("redis")
-    address = (await asyncio.to_thread(
-        chaos.stack.exec, sentinels[0], "sh", "-c",
-        f'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p 26379 SENTINEL get-master-addr-by-name {SENTINEL_MASTER}',
-    )).split()[0]
+    address = (
+        await asyncio.to_thread(
+            chaos.stack.exec,
+            sentinels[0],
+            "sh",
+            "-c",
+            f'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p 26379 SENTINEL get-master-addr-by-name {SENTINEL_MASTER}',
+        )
+    ).split()[0]
     for service in ("redis", "redis-replica"):
         for container in chaos.stack.containers(service):
             if chaos.stack.address(container) == address:
@@ -196,6 +214,7 @@ def pause_redis(seconds: float) -> Fault:
             os.kill(pid, signal.SIGCONT)
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -206,6 +225,7 @@ def restart_redis() -> Fault:
         window.end = time.time()
         window.outage_seconds = window.end - window.start
         return window
+
     return fault
 
 
@@ -230,10 +250,13 @@ def sentinel_failover(promotion_timeout: float = 60) -> Fault:
         # means split votes, each retried after twice the failover timeout.
         log = (await asyncio.to_thread(run, ["docker", "logs", chaos.stack.one("sentinel-1")], 30)).stdout
         elections = log.count("+new-epoch")
-        window.notes.append(f"promoted after {window.outage_seconds:.1f} s ({elections} election{'s' * (elections != 1)})")
+        window.notes.append(
+            f"promoted after {window.outage_seconds:.1f} s ({elections} election{'s' * (elections != 1)})"
+        )
         await chaos.docker("start", old)  # back as a replica of the new master
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -252,11 +275,13 @@ def open_slow_socket(host: str, port: int, room: str) -> socket.socket:
     sock.settimeout(10)
     sock.connect((host, port))
     key = b64encode(os.urandom(16)).decode()
-    sock.sendall((
-        f"GET /ws/chat/{room}/ HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Origin: http://{host}:{port}\r\n\r\n"
-    ).encode())
+    sock.sendall(
+        (
+            f"GET /ws/chat/{room}/ HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Origin: http://{host}:{port}\r\n\r\n"
+        ).encode()
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(1)
@@ -302,10 +327,13 @@ def slow_members(count: int = 3, limit: float = 60) -> Fault:
             await asyncio.gather(bulk, return_exceptions=True)
             for sock in sockets:
                 sock.close()
-        window.notes.append(f"{closed} of {count} closed for falling behind (4000) within {time.monotonic() - started:.1f} s")
+        window.notes.append(
+            f"{closed} of {count} closed for falling behind (4000) within {time.monotonic() - started:.1f} s"
+        )
         window.checks["every slow member was closed with 4000"] = closed == count
         window.end = time.time()
         return window
+
     return fault
 
 
@@ -340,4 +368,5 @@ def reload_nginx() -> Fault:
         await old_nginx_workers_gone(chaos, window)
         window.end = time.time()
         return window
+
     return fault

@@ -5,6 +5,7 @@ Readiness is asked over the project's network from this machine (the
 containers' own addresses, no port published), memory read from the
 container's main process in /proc: nothing runs inside the containers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -76,11 +77,15 @@ class Observer:
             state = container["State"]
             running = bool(state["Running"]) and not state["Paused"]
             address = next(iter(container["NetworkSettings"]["Networks"].values()), {}).get("IPAddress")
-            found.append(Sample(
-                now, replica_name(container), running,
-                running and bool(address) and ready(address),
-                rss_bytes(state["Pid"]) if running else 0,
-            ))
+            found.append(
+                Sample(
+                    now,
+                    replica_name(container),
+                    running,
+                    running and bool(address) and ready(address),
+                    rss_bytes(state["Pid"]) if running else 0,
+                )
+            )
         return found
 
     def healthy_at(self, after: float, replicas: int) -> float | None:

@@ -1,5 +1,6 @@
 """The chaos report: chaos.json (everything), chaos.md (a table per fault),
 chaos.png (a timeline with the fault windows shaded)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,11 +73,19 @@ def plot(report: dict, path: Path) -> None:
     rate.set_ylabel("deliveries/s")
     stall.plot(seconds, [v for _, v in timeline["max_stall_per_second"]], linewidth=0.8, color="tab:red")
     stall.set_ylabel("longest stall (s)\nby publish second")
-    reconnects.bar([s for s, _ in timeline["reconnects_per_second"]], [n for _, n in timeline["reconnects_per_second"]],
-                   width=1.0, color="tab:purple")
+    reconnects.bar(
+        [s for s, _ in timeline["reconnects_per_second"]],
+        [n for _, n in timeline["reconnects_per_second"]],
+        width=1.0,
+        color="tab:purple",
+    )
     reconnects.set_ylabel("reconnects")
-    ready.step([s for s, _ in timeline["replicas_ready_per_second"]],
-               [n for _, n in timeline["replicas_ready_per_second"]], where="post", color="tab:green")
+    ready.step(
+        [s for s, _ in timeline["replicas_ready_per_second"]],
+        [n for _, n in timeline["replicas_ready_per_second"]],
+        where="post",
+        color="tab:green",
+    )
     ready.set_ylabel("replicas ready")
     ready.set_xlabel("seconds since the start")
     for w in report["verdict"]["windows"]:
@@ -84,8 +93,9 @@ def plot(report: dict, path: Path) -> None:
             continue
         for axes in (rate, stall, reconnects, ready):
             axes.axvspan(w["start"] - t0, w["end"] - t0, color="orange" if w["ok"] else "red", alpha=0.2)
-        rate.annotate(w["kind"], (w["start"] - t0, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
-                      rotation=90, va="top")
+        rate.annotate(
+            w["kind"], (w["start"] - t0, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top"
+        )
     rate.set_title(f"Chaos run ({report['schedule']}): fault windows shaded", fontsize=9)
     for axes in (rate, stall, reconnects, ready):
         axes.grid(True, alpha=0.3)

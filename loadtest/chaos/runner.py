@@ -8,6 +8,7 @@ of at least ``QUIET_SECONDS`` that lasts until every replica is ready again
 (at most the 30 s the checker allows, then the next fault comes anyway and
 the checker says so).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,18 +47,37 @@ FAILOVER = Segment(SENTINEL, (nemesis.sentinel_failover(), nemesis.kill_replica(
 SCHEDULES: dict[str, tuple[Segment, ...]] = {
     # make test: one of each kind that needs no long wait, about 4 minutes.
     "short": (
-        Segment(BASE, (nemesis.kill_replica(), nemesis.drain_replica(), nemesis.cut_from_redis(5),
-                       nemesis.slow_members(), nemesis.restart_redis(), nemesis.reload_nginx())),
+        Segment(
+            BASE,
+            (
+                nemesis.kill_replica(),
+                nemesis.drain_replica(),
+                nemesis.cut_from_redis(5),
+                nemesis.slow_members(),
+                nemesis.restart_redis(),
+                nemesis.reload_nginx(),
+            ),
+        ),
     ),
     # make chaos CHAOS_SCHEDULE=failover: the Sentinel overlay alone.
     "failover": (FAILOVER,),
     # make chaos: every fault of the suite.
     "full": (
-        Segment(BASE, (
-            nemesis.kill_replica(), nemesis.drain_replica(), nemesis.rolling_restart(), nemesis.scale(),
-            nemesis.cut_from_redis(5), nemesis.cut_from_redis(90), nemesis.pause_redis(10),
-            nemesis.restart_redis(), nemesis.slow_members(), nemesis.reload_nginx(),
-        )),
+        Segment(
+            BASE,
+            (
+                nemesis.kill_replica(),
+                nemesis.drain_replica(),
+                nemesis.rolling_restart(),
+                nemesis.scale(),
+                nemesis.cut_from_redis(5),
+                nemesis.cut_from_redis(90),
+                nemesis.pause_redis(10),
+                nemesis.restart_redis(),
+                nemesis.slow_members(),
+                nemesis.reload_nginx(),
+            ),
+        ),
         FAILOVER,
     ),
 }
@@ -176,8 +196,11 @@ async def run(schedule: str, log=print) -> dict:
         "duration_seconds": time.time() - started,
         "machine": f"{os.cpu_count()} cores, {machine('nginx')['cpu_model']}, Linux {platform.release()}",
         "settings": {
-            "rooms": settings.rooms, "members": settings.rooms * settings.members_per_room, "replicas": 3,
-            "socket_rate": settings.socket_rate, "http_rate": settings.http_rate,
+            "rooms": settings.rooms,
+            "members": settings.rooms * settings.members_per_room,
+            "replicas": 3,
+            "socket_rate": settings.socket_rate,
+            "http_rate": settings.http_rate,
             "redis_link_timeout_seconds": app_default("REDIS_LINK_TIMEOUT_SECONDS"),
             "quiet_seconds": QUIET_SECONDS,
         },

@@ -11,6 +11,7 @@ publisher's own copy coming back from the room for a socket. Only
 acknowledged messages are owed to every member; the rest are recorded too, so
 that a duplicate of any of them is still seen.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -89,7 +90,8 @@ class Workload:
         while loop.time() < end:
             if all(member.caught_up for member in self.all_members) and all(
                 member.received(publish.id) or member.told_missing(publish.position) is not None
-                for publish in self.publishes if publish.acked and publish.position
+                for publish in self.publishes
+                if publish.acked and publish.position
                 for member in self.members[publish.room]
             ):
                 return True
@@ -148,7 +150,9 @@ class Workload:
         publish = Publish(uuid.uuid4().hex, room, "http", time.time(), len(text))
         body = json.dumps({"message": text, "id": publish.id, "sent_at": now_ms()}).encode()
         request = urllib.request.Request(
-            f"{self.base_url}/api/rooms/{room}/messages", data=body, method="POST",
+            f"{self.base_url}/api/rooms/{room}/messages",
+            data=body,
+            method="POST",
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         try:

@@ -1,11 +1,12 @@
 """Two real browser tabs on the chat page, served by different replicas, chat with each other."""
+
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.required import unavailable
 from tests.integration.running_stack import local_stack  # noqa: F401 (fixture)
+from tests.required import unavailable
 
 pytestmark = [pytest.mark.browser, pytest.mark.stack]
 # Debian's chromium (Makefile SYSTEM_PACKAGES); playwright never downloads a browser here.

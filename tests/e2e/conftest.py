@@ -1,5 +1,6 @@
 """Fixtures of the container tests: a Docker engine (required in CI), the
 images built offline, and one compose stack per test module."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,7 +9,6 @@ import time
 
 import pytest
 
-from tests.required import unavailable
 from loadtest.compose_stack import (
     APP_IMAGE,
     LOADTEST_IMAGE,
@@ -21,6 +21,7 @@ from loadtest.compose_stack import (
     make,
     run,
 )
+from tests.required import unavailable
 
 
 def docker_problem() -> str | None:
@@ -28,8 +29,13 @@ def docker_problem() -> str | None:
     if not shutil.which("docker"):
         return "the docker CLI is not installed"
     try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
-                              capture_output=True, text=True, timeout=30, check=False)
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return "the Docker engine did not answer `docker info` within 30 s"
     if info.returncode != 0:
@@ -58,7 +64,9 @@ def offline_images(docker_engine) -> dict:
     base = dict(line.split("=", 1) for line in (REPO / "build" / "base-images.env").read_text().split())
     return {
         "build_seconds": build_seconds,
-        "sizes_mb": {image: image_size_mb(image) for image in (APP_IMAGE, LOADTEST_IMAGE, NGINX_APP_IMAGE, *base.values())},
+        "sizes_mb": {
+            image: image_size_mb(image) for image in (APP_IMAGE, LOADTEST_IMAGE, NGINX_APP_IMAGE, *base.values())
+        },
         "base": base,
     }
 
@@ -75,9 +83,14 @@ def stack(offline_images, tmp_path_factory):
         yield compose_stack
     finally:
         ids = compose_stack.containers(all_states=True)
-        volumes = [m["Name"] for c in (docker_inspect(*ids) if ids else []) for m in c["Mounts"] if m["Type"] == "volume"]
+        volumes = [
+            m["Name"] for c in (docker_inspect(*ids) if ids else []) for m in c["Mounts"] if m["Type"] == "volume"
+        ]
         compose_stack.make("down")
         left = compose_stack.leftovers()
-        left += [f"volume {v}" for v in volumes
-                 if run(["docker", "volume", "ls", "--quiet", "--filter", f"name=^{v}$"], timeout=60).stdout.strip()]
+        left += [
+            f"volume {v}"
+            for v in volumes
+            if run(["docker", "volume", "ls", "--quiet", "--filter", f"name=^{v}$"], timeout=60).stdout.strip()
+        ]
         assert not left, f"make down left behind: {left}"

@@ -2,6 +2,7 @@
 replica killed, one drained, one cut from Redis, members that stop reading,
 Redis restarted, nginx reloaded, each under load on its own compose stack,
 with every member's history checked message by message."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ the end); the tests run in file order and each leaves it serving: fan-out
 across containers, a killed replica, scaling out with sockets open, a Redis
 restart and a Redis outage.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,7 @@ from collections import defaultdict
 
 import pytest
 
+from loadtest.compose_stack import ComposeStack, docker_inspect, run
 from loadtest.fanout_check import (
     CheckError,
     FanoutReport,
@@ -27,7 +29,6 @@ from loadtest.fanout_check import (
     wait_for_deliveries,
 )
 from loadtest.room_member import RoomMember
-from loadtest.compose_stack import ComposeStack, docker_inspect, run
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 # After `docker compose restart redis`, the bound on a working fan-out again.
@@ -60,8 +61,9 @@ async def close_all(members: list[Member]) -> None:
 
 
 async def test_every_container_replica_serves_and_delivers_across_containers(stack):
-    report = await run_fanout_check(stack.base_url, rooms=3, clients_per_room=6, expect_replicas=3,
-                                    broadcast_token=stack.broadcast_token)
+    report = await run_fanout_check(
+        stack.base_url, rooms=3, clients_per_room=6, expect_replicas=3, broadcast_token=stack.broadcast_token
+    )
     print(report.render())
     assert report.ok, report.render()
     # The replicas in the matrix are the daphne containers themselves (POD_NAME = hostname).
@@ -126,8 +128,11 @@ async def test_scaling_out_reaches_the_new_replica_and_leaves_open_sockets_alone
         newcomers = await join_one_by_one(stack, room, 12)
         on_new = [m for m in newcomers if m.pod in new_replicas]
         assert on_new, f"no new socket reached {new_replicas}: {by_replica(newcomers).keys()}"
-        messages = [await old[0].publish("from an old socket"), await on_new[0].publish("from the new replica"),
-                    await publish_http(stack.base_url, room, stack.broadcast_token, "from the HTTP API")]
+        messages = [
+            await old[0].publish("from an old socket"),
+            await on_new[0].publish("from the new replica"),
+            await publish_http(stack.base_url, room, stack.broadcast_token, "from the HTTP API"),
+        ]
         await assert_exactly_once(old + newcomers, room, messages)
         assert not [m for m in old if m.closed.is_set()]
     finally:
@@ -162,7 +167,9 @@ async def test_redis_restart_fan_out_works_again_within_10_s(stack):
                 await asyncio.sleep(0.05)
             if all(m.received(message.id) for m in members):
                 reached_all = loop.time() - restarted
-        assert reached_all is not None, f"members opened before the restart not reached within {REDIS_RECOVERY_SECONDS} s"
+        assert reached_all is not None, (
+            f"members opened before the restart not reached within {REDIS_RECOVERY_SECONDS} s"
+        )
         assert all(m.received(message.id) == 1 for m in members), "a member got the message twice"
         for member in members:
             for reconnect in member.reconnects:
@@ -172,8 +179,14 @@ async def test_redis_restart_fan_out_works_again_within_10_s(stack):
     finally:
         await asyncio.gather(*(member.stop() for member in members), return_exceptions=True)
 
-    report = await run_fanout_check(stack.base_url, rooms=2, clients_per_room=len(replicas),
-                                    expect_replicas=len(replicas), broadcast_token=stack.broadcast_token, timeout=5)
+    report = await run_fanout_check(
+        stack.base_url,
+        rooms=2,
+        clients_per_room=len(replicas),
+        expect_replicas=len(replicas),
+        broadcast_token=stack.broadcast_token,
+        timeout=5,
+    )
     assert report.ok, report.render()
     assert loop.time() - restarted <= REDIS_RECOVERY_SECONDS
     assert started_at(stack) == started, "a replica restarted with Redis"
@@ -210,7 +223,10 @@ def probe(stack: ComposeStack, container: str, path: str) -> tuple[int, str]:
     """deploy.healthcheck inside the replica: (exit code, the tail of what it said)."""
     result = subprocess.run(
         ["docker", "exec", container, "python", "-m", "deploy.healthcheck", f"http://127.0.0.1:8000{path}"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     said = (result.stdout + result.stderr).strip()
-    return result.returncode, said[said.rfind("answered"):] if "answered" in said else said
+    return result.returncode, said[said.rfind("answered") :] if "answered" in said else said

@@ -4,6 +4,7 @@ No Docker needed: these read the Dockerfiles, docker-compose.yml and
 .env.example, so drift (a tag, a port, an upstream line, an undocumented
 variable) fails on any machine, not only where containers run.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,9 @@ def dockerfile_arg(path: Path, name: str) -> str:
 
 def test_dockerfiles_pass_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run([str(hadolint), "--no-color", *map(str, DOCKERFILES)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [str(hadolint), "--no-color", *map(str, DOCKERFILES)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,5 +1,6 @@
 """The images themselves: built offline, non-root, nothing but the app inside,
 and an nginx that will not start half-configured."""
+
 from __future__ import annotations
 
 import subprocess
@@ -32,34 +33,58 @@ def test_images_run_as_non_root_and_carry_no_secrets(offline_images, image):
     config = docker_inspect(image)[0]["Config"]
     assert config["User"] == "10001:10001"
     assert not [e for e in config["Env"] if e.split("=", 1)[0] in SECRET_NAMES]
-    uid = subprocess.run(["docker", "run", "--rm", "--entrypoint", "id", image, "-u"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    uid = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "id", image, "-u"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert uid == "10001"
 
 
 def test_app_image_holds_only_the_app_and_no_load_test_code(offline_images):
-    listing = subprocess.run(["docker", "run", "--rm", APP_IMAGE, "ls", "-A", "/app"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["docker", "run", "--rm", APP_IMAGE, "ls", "-A", "/app"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert set(listing) == APP_CONTENTS
-    locust = subprocess.run(["docker", "run", "--rm", APP_IMAGE, "python", "-c", "import locust"],
-                            capture_output=True, text=True, check=False)
+    locust = subprocess.run(
+        ["docker", "run", "--rm", APP_IMAGE, "python", "-c", "import locust"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert locust.returncode != 0 and "No module named 'locust'" in locust.stderr
 
 
 def test_loadtest_image_runs_locust_with_the_scenarios(offline_images):
-    listing = subprocess.run(["docker", "run", "--rm", LOADTEST_IMAGE, "ls", "-A", "/app"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["docker", "run", "--rm", LOADTEST_IMAGE, "ls", "-A", "/app"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert set(listing) == APP_CONTENTS | {"loadtest"}
-    locust = subprocess.run(["docker", "run", "--rm", LOADTEST_IMAGE, "locust", "-f", "loadtest/locustfile.py", "--version"],
-                            capture_output=True, text=True, check=False)
+    locust = subprocess.run(
+        ["docker", "run", "--rm", LOADTEST_IMAGE, "locust", "-f", "loadtest/locustfile.py", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert locust.returncode == 0 and "locust" in (locust.stdout + locust.stderr).lower(), locust.stderr
 
 
 def test_app_image_roles_are_chosen_by_command(offline_images):
     check = subprocess.run(
-        ["docker", "run", "--rm", "--read-only", "-e", f"DJANGO_SECRET_KEY={'x' * 50}", "-e", "DJANGO_ALLOWED_HOSTS=localhost",
-         APP_IMAGE, "manage", "check"],
-        capture_output=True, text=True, check=False,
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--read-only",
+            "-e",
+            f"DJANGO_SECRET_KEY={'x' * 50}",
+            "-e",
+            "DJANGO_ALLOWED_HOSTS=localhost",
+            APP_IMAGE,
+            "manage",
+            "check",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "no issues" in check.stdout
@@ -72,7 +97,10 @@ def test_nginx_refuses_to_start_with_an_unset_template_variable(offline_images, 
     env = [arg for name, value in values.items() for arg in ("-e", f"{name}={value}")]
     result = subprocess.run(
         ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", *env, NGINX_APP_IMAGE],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode != 0
     assert f"unset template variables: {unset}" in result.stderr

@@ -1,10 +1,11 @@
 """The local stack as a fixture that proves, after every test, that it left nothing behind."""
+
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -38,7 +39,9 @@ def checked_stack(**options) -> Iterator[LocalStack]:
         pids, ports = stack.pids(), stack.ports
     # redis + daphnes + gunicorn and its 2 workers + nginx and a worker at least:
     # the record must hold the real process tree, or the check below proves nothing.
-    assert len(pids) >= len(stack.replica_names) + 6, f"only {len(pids)} stack processes were found while it ran: {pids}"
+    assert len(pids) >= len(stack.replica_names) + 6, (
+        f"only {len(pids)} stack processes were found while it ran: {pids}"
+    )
     assert leftovers(pids, ports) == []
 
 

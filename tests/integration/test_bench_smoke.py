@@ -1,4 +1,5 @@
 """The capacity benchmark, run end to end with small numbers, so it cannot silently rot."""
+
 import json
 import subprocess
 import sys
@@ -16,7 +17,9 @@ def test_bench_smoke_measures_every_configuration_and_delivers_everything_at_its
     out = tmp_path / "bench-smoke"
     result = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--smoke", "--out", str(out)],
-        capture_output=True, text=True, timeout=SMOKE_TIMEOUT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "smoke run passed" in result.stdout
@@ -30,7 +33,10 @@ def test_bench_smoke_measures_every_configuration_and_delivers_everything_at_its
         first = result_of["runs"][0]["steps"][0]
         # Every member of every room got every message at the lowest rate, with sockets on all 3 replicas.
         assert first["owed"] > 0 and first["delivered"] == first["owed"], (name, first)
-        assert first["lost"] == first["duplicates"] == 0 and first["errors"] == first["sockets_closed"] == {}, (name, first)
+        assert first["lost"] == first["duplicates"] == 0 and first["errors"] == first["sockets_closed"] == {}, (
+            name,
+            first,
+        )
         assert 0 < first["cross_replica_share"] < 1, (name, first)
         broadcast = result_of["memory_and_broadcast"]
         assert broadcast["sockets"] == report["plan"]["broadcast_sockets"]

@@ -8,6 +8,7 @@ and Twisted behaviour, says so in one warning, and still fans out across
 replicas and drains with 1001. ``make canary`` runs these on the newest
 releases, with FAST_PATH=force.
 """
+
 import asyncio
 import json
 import signal
@@ -75,4 +76,6 @@ def test_off_them_the_replicas_run_stock_say_so_once_and_still_fan_out_and_drain
     ]
     for replica in (a, b):
         [warning] = [line for line in replica.output.splitlines() if FALLBACK in line]
-        assert all(name in warning for name in ("channels-redis", "RedisPubSubChannelLayer", "Daphne's own handle_reply"))
+        assert all(
+            name in warning for name in ("channels-redis", "RedisPubSubChannelLayer", "Daphne's own handle_reply")
+        )

@@ -8,6 +8,7 @@ restarted before the next. Afterwards every member holds every message of its
 room from the one it joined at, exactly once, in offset order, and every
 message a publisher saw confirmed is among them.
 """
+
 import asyncio
 import signal
 import time
@@ -109,12 +110,17 @@ def test_every_member_gets_every_message_once_in_order_through_drains_and_kills(
     for member in members:
         problems += problems_of(member, published[member.room])
         confirmed = {sent.id for sent in member.sent if sent.confirmed}
-        problems += [f"{member.room}: confirmed message {i} never delivered" for i in confirmed - set(published[member.room].values())]
+        problems += [
+            f"{member.room}: confirmed message {i} never delivered"
+            for i in confirmed - set(published[member.room].values())
+        ]
     total = sum(len(history) for history in published.values())
     reconnects = sum(len(member.reconnects) for member in members)
     told = sum(1 for member in members for welcome in member.welcomes if welcome.recovered is False)
-    print(f"{total} messages in {len(ROOMS)} rooms over {elapsed:.0f} s; {len(members)} members reconnected "
-          f"{reconnects} times through {len(FAULTS)} faults; told recovered:false {told} times")
+    print(
+        f"{total} messages in {len(ROOMS)} rooms over {elapsed:.0f} s; {len(members)} members reconnected "
+        f"{reconnects} times through {len(FAULTS)} faults; told recovered:false {told} times"
+    )
     assert total > RATE * 5
     assert reconnects >= len(members) // len(FAULTS), "the faults did not move the members"
     assert told == 0, "history covered every gap here: nobody should be told it missed messages"

@@ -4,6 +4,7 @@ No header or path a client writes reaches /metrics or a page through a root
 path, public /readyz says no more than ready or not, and readiness is cheap
 enough that a burst of probes leaves the broadcast API alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from django.conf import settings
 
 from tests.integration.running_stack import checked_stack
@@ -25,10 +25,30 @@ METRICS_MARK = "blueprint_ws_open_sockets"
 # The oldest readiness result a process may still answer from (the stack runs the defaults).
 RESULT_LIFETIME = settings.READYZ_CACHE_SECONDS + settings.READYZ_TIMEOUT_SECONDS + 0.5
 TRICK_PATHS = [
-    "/metrics", "/metrics/", "//metrics", "/./metrics", "/%6Detrics", "/%6detrics", "/metrics?x=1", "/metrics;x",
-    "/metrics%3Bx", "/static/../metrics", "/ws/metrics", "/ws/../metrics", "/ws/%2e%2e/metrics", "/ws/..%2Fmetrics",
-    "/ws//metrics", "/ws/./metrics", "/ws/%6Detrics", "/ws/metrics?x=1", "/ws/metrics;x", "/ws/ws/metrics",
-    "/METRICS", "http://127.0.0.1/metrics", "http://127.0.0.1/ws/metrics", "http://127.0.0.1/ws/../metrics",
+    "/metrics",
+    "/metrics/",
+    "//metrics",
+    "/./metrics",
+    "/%6Detrics",
+    "/%6detrics",
+    "/metrics?x=1",
+    "/metrics;x",
+    "/metrics%3Bx",
+    "/static/../metrics",
+    "/ws/metrics",
+    "/ws/../metrics",
+    "/ws/%2e%2e/metrics",
+    "/ws/..%2Fmetrics",
+    "/ws//metrics",
+    "/ws/./metrics",
+    "/ws/%6Detrics",
+    "/ws/metrics?x=1",
+    "/ws/metrics;x",
+    "/ws/ws/metrics",
+    "/METRICS",
+    "http://127.0.0.1/metrics",
+    "http://127.0.0.1/ws/metrics",
+    "http://127.0.0.1/ws/../metrics",
 ]
 TRICK_HEADERS = [
     {},
@@ -145,7 +165,7 @@ def test_public_readyz_is_reason_less_and_the_pod_port_says_why_during_an_outage
             assert str(stack.redis.port) not in body and stack.redis.password not in body
         pods = {"gunicorn": stack.gunicorn_port, **stack.replica_ports}
         for name, port in pods.items():
-            wait_for(lambda: raw_get(port, "/readyz")[0] == 503, 10, f"{name} /readyz to follow Redis")
+            wait_for(lambda port=port: raw_get(port, "/readyz")[0] == 503, 10, f"{name} /readyz to follow Redis")
             answer = json.loads(raw_get(port, "/readyz")[1])
             # Its round trip fails, or its subscription link says so first.
             reason = answer["reason"]
@@ -153,4 +173,4 @@ def test_public_readyz_is_reason_less_and_the_pod_port_says_why_during_an_outage
     finally:
         stack.redis.start()
     for name, port in {"nginx": stack.port, **stack.replica_ports}.items():
-        wait_for(lambda: raw_get(port, "/readyz")[0] == 200, 20, f"{name} /readyz after Redis is back")
+        wait_for(lambda port=port: raw_get(port, "/readyz")[0] == 200, 20, f"{name} /readyz after Redis is back")

@@ -5,6 +5,7 @@
   /readyz follows Redis (503 within 5 s of it stopping, 200 when it is back)
   while Daphne stays up.
 """
+
 import asyncio
 import json
 import sys
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import websockets
 
-from tests.processes import start, status_of, stop, wait_for
 from deploy.ports import free_port
+from tests.processes import start, status_of, stop, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -25,9 +26,10 @@ async def chat_and_echo(base: str) -> None:
     async with websockets.connect(f"{base}/ws/echo/", origin=origin) as echo:
         await echo.send(json.dumps({"message": "hello"}))
         assert json.loads(await echo.recv())["message"] == "hello"
-    async with websockets.connect(f"{base}/ws/chat/x/", origin=origin) as a, websockets.connect(
-        f"{base}/ws/chat/x/", origin=origin
-    ) as b:
+    async with (
+        websockets.connect(f"{base}/ws/chat/x/", origin=origin) as a,
+        websockets.connect(f"{base}/ws/chat/x/", origin=origin) as b,
+    ):
         assert json.loads(await a.recv())["type"] == "welcome"
         assert json.loads(await b.recv())["type"] == "welcome"
         await a.send(json.dumps({"message": "to the room"}))
@@ -36,7 +38,9 @@ async def chat_and_echo(base: str) -> None:
 
 def test_runserver_alone_serves_echo_and_chat():
     port = free_port()
-    process = start([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], {"DJANGO_DEBUG": "1"})
+    process = start(
+        [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], {"DJANGO_DEBUG": "1"}
+    )
     try:
         wait_for(lambda: status_of(f"http://127.0.0.1:{port}/healthz") == 200, 30, "runserver")
         asyncio.run(chat_and_echo(f"ws://127.0.0.1:{port}"))

@@ -3,13 +3,13 @@
 Two "pods" are two layers sharing a prefix: what one publishes, the other's
 members with handlers get, once each, in order, whatever one handler does.
 """
+
 import asyncio
 import logging
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
-
 from realtime.layers import FanoutChannelLayer
 
 pytestmark = pytest.mark.redis

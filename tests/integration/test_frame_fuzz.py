@@ -15,17 +15,17 @@ logged reason (a warning or error line), and nothing failed unhandled.
     make test   FUZZ_EXAMPLES=150 (the default here), well under a minute
     make fuzz   FUZZ_EXAMPLES=2000, or any number: make fuzz FUZZ_EXAMPLES=10000
 """
+
 from __future__ import annotations
 
 import collections
 import json
 import os
-import random
-import socket
 import time
 
 import pytest
-from hypothesis import HealthCheck, Phase, example as explicit, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import example as explicit
 from hypothesis import strategies as st
 
 from tests import rawws
@@ -47,7 +47,9 @@ json_values = st.recursive(
 )
 valid_chat = st.builds(
     lambda message, ident, extra: json.dumps({"message": message, "request": message, "id": ident, **extra}),
-    st.text(max_size=60), json_values, st.dictionaries(st.text(max_size=6), json_values, max_size=2),
+    st.text(max_size=60),
+    json_values,
+    st.dictionaries(st.text(max_size=6), json_values, max_size=2),
 )
 
 
@@ -64,18 +66,21 @@ def mutated(draw, source=valid_chat) -> bytes:
         elif kind == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=4))
         elif kind == "delete" and data:
-            del data[at:at + draw(st.integers(1, 4))]
+            del data[at : at + draw(st.integers(1, 4))]
         elif kind == "dup":
-            data[at:at] = data[at:at + draw(st.integers(1, 16))]
+            data[at:at] = data[at : at + draw(st.integers(1, 16))]
         elif kind == "tokens":
-            token = draw(st.sampled_from([b"NaN", b"-Infinity", b"1e400", b"9" * 30, b"[" * 40, b'"\\ud800"', b"\\", b"\x00"]))
+            token = draw(
+                st.sampled_from([b"NaN", b"-Infinity", b"1e400", b"9" * 30, b"[" * 40, b'"\\ud800"', b"\\", b"\x00"])
+            )
             data[at:at] = token
     return bytes(data)
 
 
 random_frame = st.builds(
     lambda opcode, payload, fin, rsv, mask, lie, form: rawws.frame(
-        opcode, payload, fin=fin, rsv=rsv, mask=mask, length=lie, length_form=form),
+        opcode, payload, fin=fin, rsv=rsv, mask=mask, length=lie, length_form=form
+    ),
     st.integers(0, 15),
     st.binary(max_size=300),
     st.booleans(),
@@ -86,11 +91,13 @@ random_frame = st.builds(
 )
 big_control = st.builds(
     lambda opcode, payload: rawws.frame(opcode, payload),
-    st.sampled_from([rawws.CLOSE, rawws.PING, rawws.PONG]), st.binary(min_size=126, max_size=2000),
+    st.sampled_from([rawws.CLOSE, rawws.PING, rawws.PONG]),
+    st.binary(min_size=126, max_size=2000),
 )
 small_control = st.builds(
     lambda opcode, payload: rawws.frame(opcode, payload),
-    st.sampled_from([rawws.PING, rawws.PONG]), st.binary(max_size=125),
+    st.sampled_from([rawws.PING, rawws.PONG]),
+    st.binary(max_size=125),
 )
 close_frame = st.builds(
     lambda code, reason, short: rawws.frame(rawws.CLOSE, b"\x03" if short else code.to_bytes(2, "big") + reason),
@@ -99,7 +106,9 @@ close_frame = st.builds(
     st.booleans(),
 )
 text_frame = st.builds(lambda data: rawws.frame(rawws.TEXT, data), mutated() | valid_chat.map(str.encode))
-binary_frame = st.builds(lambda data: rawws.frame(rawws.BINARY, data), st.binary(max_size=200) | valid_chat.map(str.encode))
+binary_frame = st.builds(
+    lambda data: rawws.frame(rawws.BINARY, data), st.binary(max_size=200) | valid_chat.map(str.encode)
+)
 junk = st.binary(min_size=1, max_size=500)
 
 
@@ -109,7 +118,7 @@ def fragmented(draw) -> bytes:
     continuation first, a second text start, or an opcode on a continuation."""
     data = draw(mutated() | valid_chat.map(str.encode))
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), min_size=1, max_size=5)))
-    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
     out = []
     for index, piece in enumerate(pieces):
         last = index == len(pieces) - 1
@@ -123,18 +132,21 @@ def fragmented(draw) -> bytes:
 
 
 chunk = st.one_of(random_frame, big_control, small_control, close_frame, text_frame, binary_frame, junk, fragmented())
-example = st.fixed_dictionaries({
-    "path": st.sampled_from(PATHS),
-    "chunks": st.lists(chunk, min_size=1, max_size=6),
-    # Sometimes every chunk in its own write (the server parses across reads).
-    "separate_writes": st.booleans(),
-    "then_valid": st.booleans(),
-    # reset-now: a reset right behind the last byte, before the replica answers.
-    "ending": st.sampled_from(["fin", "reset", "reset-now", "close-frame"]),
-})
+example = st.fixed_dictionaries(
+    {
+        "path": st.sampled_from(PATHS),
+        "chunks": st.lists(chunk, min_size=1, max_size=6),
+        # Sometimes every chunk in its own write (the server parses across reads).
+        "separate_writes": st.booleans(),
+        "then_valid": st.booleans(),
+        # reset-now: a reset right behind the last byte, before the replica answers.
+        "ending": st.sampled_from(["fin", "reset", "reset-now", "close-frame"]),
+    }
+)
 
 
 # --- the test ----------------------------------------------------------------------
+
 
 def run_example(daphne: LiveDaphne, case: dict) -> tuple[int | None, list[int]]:
     """(the close code the replica sent or None, opcodes of the frames it sent)."""
@@ -171,17 +183,30 @@ def test_random_and_mutated_frames_leave_the_replica_healthy_and_leak_nothing(re
     unlogged_1011: list[str] = []
     examples = 0
 
-    with LiveDaphne(redis_server.url, name="daphne-fuzz", CHANNEL_LAYER="redis-fanout",
-                    DRAIN_TIMEOUT_SECONDS="2") as daphne:
+    with LiveDaphne(
+        redis_server.url, name="daphne-fuzz", CHANNEL_LAYER="redis-fanout", DRAIN_TIMEOUT_SECONDS="2"
+    ) as daphne:
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
-                  phases=[Phase.explicit, Phase.generate],  # a dead replica cannot be shrunk against
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            phases=[Phase.explicit, Phase.generate],  # a dead replica cannot be shrunk against
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=example)
         # Found by this fuzzer: a frame cut short, then a reset at once, left
         # the socket counted (a slot leaked). Always tried first.
-        @explicit(case={"path": "/ws/echo/", "separate_writes": False, "then_valid": False, "ending": "reset-now",
-                        "chunks": [rawws.frame(rawws.TEXT, b'{"message":"cut', length=5000)]})
+        @explicit(
+            case={
+                "path": "/ws/echo/",
+                "separate_writes": False,
+                "then_valid": False,
+                "ending": "reset-now",
+                "chunks": [rawws.frame(rawws.TEXT, b'{"message":"cut', length=5000)],
+            }
+        )
         def fuzz(case):
             nonlocal examples
             examples += 1
@@ -208,11 +233,14 @@ def test_random_and_mutated_frames_leave_the_replica_healthy_and_leak_nothing(re
 
     errors = [line for line in lines if log_level(line) in ("error", "critical")]
     unhandled = [line for line in lines if any(marker in line for marker in UNHANDLED)]
-    print(f"[frame fuzz] {examples} examples in {elapsed:.1f} s; close codes seen: "
-          f"{dict(sorted(codes.items(), key=lambda item: (item[0] is None, item[0] or 0)))}; "
-          f"replica log: {len(lines)} lines, {len(errors)} at error level, {traceback_lines(lines)} with a traceback")
+    print(
+        f"[frame fuzz] {examples} examples in {elapsed:.1f} s; close codes seen: "
+        f"{dict(sorted(codes.items(), key=lambda item: (item[0] is None, item[0] or 0)))}; "
+        f"replica log: {len(lines)} lines, {len(errors)} at error level, {traceback_lines(lines)} with a traceback"
+    )
     assert alive and status == 200
     assert gauge == {daphne.name: 0}, f"open-socket gauge after every example ended: {gauge}"
     assert not unlogged_1011, f"{len(unlogged_1011)} closes with 1011 had no logged reason, e.g. {unlogged_1011[:3]}"
     assert not unhandled, f"{len(unhandled)} unhandled failures in the replica's log, e.g.:\n" + "\n".join(
-        line[:1500] for line in unhandled[:3])
+        line[:1500] for line in unhandled[:3]
+    )

@@ -4,6 +4,7 @@ A member that reconnects with the last ``epoch`` and ``offset`` it saw gets
 every message it missed, once, in order, and then the live stream; when
 history cannot cover the gap it is told ``recovered: false``.
 """
+
 import asyncio
 import json
 import signal
@@ -42,7 +43,7 @@ async def nothing_more(socket, timeout: float = 0.3) -> bool:
     """True when nothing else arrives (a duplicate would)."""
     try:
         await asyncio.wait_for(socket.recv(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return True
     return False
 
@@ -107,7 +108,7 @@ def test_after_a_redis_restart_a_member_is_told_recovered_false_and_gets_nothing
         redis_server.start()
         try:  # the replica notices the broken connection at once
             await chats(member, 1, timeout=3)
-        except (websockets.ConnectionClosed, asyncio.TimeoutError):
+        except (TimeoutError, websockets.ConnectionClosed):
             pass
         wait_for(lambda: status_of(f"http://{daphne.base}/readyz") == 200, 10, "ready again")
         publisher, _ = await join(daphne, "restart")
@@ -171,7 +172,7 @@ async def collect(socket, into: list, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             frame = json.loads(await asyncio.wait_for(socket.recv(), 0.2))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
         except websockets.ConnectionClosed:
             return
@@ -213,7 +214,10 @@ def test_a_member_whose_replica_goes_resumes_on_another_with_nothing_lost_or_twi
         return member.close_code, welcome, frames, sent
 
     fast = {**FANOUT, "WS_RATE_LIMIT_PER_SECOND": "1000", "WS_RATE_LIMIT_BURST": "1000"}
-    with Daphne(redis_server.url, name="replica-a", **fast) as a, Daphne(redis_server.url, name="replica-b", **fast) as b:
+    with (
+        Daphne(redis_server.url, name="replica-a", **fast) as a,
+        Daphne(redis_server.url, name="replica-b", **fast) as b,
+    ):
         close_code, welcome, frames, sent = asyncio.run(scenario(a, b))
     assert close_code == (1001 if fault == "drain" else 1006)
     assert welcome["recovered"] is True and welcome["replayed"] > 0

@@ -13,6 +13,7 @@ app/realtime/close_codes.py state it. `pytest -s` prints the numbers: the
 health probe's latency, the well-behaved members' p50/p99 during each attack,
 the replica's RSS growth under slow readers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,6 +64,7 @@ _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 # --- the stack -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def stack():
     log = CapturedLog()
@@ -82,7 +84,8 @@ def no_socket_left(stack):
     readings = wait_open_sockets(stack.replica_ports, 0, timeout=10)
     if any(before.values()):
         assert all(readings[name] <= before[name] for name in readings), (
-            f"open-socket gauges rose during the test: {before} -> {readings} (an earlier test leaked the rest)")
+            f"open-socket gauges rose during the test: {before} -> {readings} (an earlier test leaked the rest)"
+        )
     else:
         assert readings == {name: 0 for name in stack.replica_names}, f"open-socket gauges after the test: {readings}"
     for name, port in stack.replica_ports.items():
@@ -98,7 +101,9 @@ def direct(stack, name: str) -> tuple[str, str]:
     return f"ws://127.0.0.1:{port}", f"http://127.0.0.1:{port}"
 
 
-async def roommates(stack, room: str, per_replica: int = 1, through_nginx: int = 2) -> tuple[list[Member], list[Member]]:
+async def roommates(
+    stack, room: str, per_replica: int = 1, through_nginx: int = 2
+) -> tuple[list[Member], list[Member]]:
     """(members placed on every replica directly, members through nginx); the
     latter also publish."""
     placed = []
@@ -158,7 +163,11 @@ ACCEPTED = [
     ("surrogate-pair", '{"F":"\\ud83d\\ude00"}'),
     ("float", '{"F":"ok","id":1.5e300}'),
 ]
-ENDPOINTS = {"echo": ("/ws/echo/", "message"), "api": ("/ws/api/", "request"), "chat": ("/ws/chat/hostile-a/", "message")}
+ENDPOINTS = {
+    "echo": ("/ws/echo/", "message"),
+    "api": ("/ws/api/", "request"),
+    "chat": ("/ws/chat/hostile-a/", "message"),
+}
 
 
 def frame_for(template: str, field: str) -> str:
@@ -234,7 +243,11 @@ async def test_valid_edge_values_are_accepted(stack, endpoint, case, template):
         elif endpoint == "echo":
             assert frame["message"] == sent["message"]
         else:
-            assert frame["type"] == "chat.message" and frame["message"] == sent["message"] and frame.get("id") == sent.get("id")
+            assert (
+                frame["type"] == "chat.message"
+                and frame["message"] == sent["message"]
+                and frame.get("id") == sent.get("id")
+            )
 
 
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
@@ -259,6 +272,7 @@ async def test_non_utf8_text_fails_the_connection_without_leaking_its_slot(stack
     code, eof = await asyncio.to_thread(attack)
     # autobahn fails the connection with 1007 (invalid frame payload data).
     assert code == 1007, f"close code {code}, eof {eof}"
+
     # And a truncated UTF-8 sequence split over fragments.
     def fragmented() -> int | None:
         with rawws.RawWebSocket("127.0.0.1", stack.port, path) as ws:
@@ -266,6 +280,7 @@ async def test_non_utf8_text_fails_the_connection_without_leaking_its_slot(stack
             ws.send_frame(rawws.CONTINUATION, b'"}', fin=True)
             ws.frames_until_close(5)
             return ws.close_code
+
     assert await asyncio.to_thread(fragmented) == 1007
 
 
@@ -279,7 +294,9 @@ HTTP_ONLY = [("non-utf8-body", b'{"message":"\xff"}', "bad_json")]
 )
 def test_the_http_api_answers_400_with_the_same_code(stack, case, body, code):
     request = urllib.request.Request(
-        f"{stack.url}/api/rooms/hostile-http/messages", data=body, method="POST",
+        f"{stack.url}/api/rooms/hostile-http/messages",
+        data=body,
+        method="POST",
         headers={"Authorization": f"Bearer {stack.broadcast_token}", "Content-Type": "application/json"},
     )
     try:
@@ -295,8 +312,9 @@ def test_a_client_that_resets_mid_frame_leaves_no_socket_counted(redis_server):
     at once: the replica must forget the socket (a leaked slot per attempt
     fills a replica: WS_MAX_CONNECTIONS of them and it refuses everyone with 1013).
     On a replica of its own: a leak here must not fail the stack's other tests."""
-    with LiveDaphne(redis_server.url, CHANNEL_LAYER="redis-fanout", WS_MAX_CONNECTIONS="5",
-                    DRAIN_TIMEOUT_SECONDS="2") as daphne:
+    with LiveDaphne(
+        redis_server.url, CHANNEL_LAYER="redis-fanout", WS_MAX_CONNECTIONS="5", DRAIN_TIMEOUT_SECONDS="2"
+    ) as daphne:
         for _ in range(20):
             ws = rawws.RawWebSocket("127.0.0.1", daphne.port, "/ws/echo/")
             ws.send_raw(rawws.frame(rawws.TEXT, b'{"message":"cut', length=5000))
@@ -323,6 +341,7 @@ def test_a_client_that_resets_mid_frame_through_nginx_leaves_no_socket_counted(s
 
 
 # --- e) oversize frames ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
 async def test_a_frame_over_the_message_limit_is_too_large_and_the_socket_stays_open(stack, endpoint):
@@ -367,6 +386,7 @@ async def test_a_fragmented_message_over_the_transport_limit_is_closed_with_1009
 
 
 # --- c) paced floods, b) sending after the close -----------------------------------------
+
 
 async def flood(ws, rate: float, seconds: float, tag: str) -> dict:
     """Send ``rate`` chat frames a second for at most ``seconds`` or until the
@@ -428,9 +448,13 @@ async def test_a_paced_flood_is_closed_with_1008_while_roommates_miss_nothing(st
             with HealthProbe({attacked: stack.replica_ports[attacked]}) as probe:
                 seen, _ = await asyncio.gather(flood(attacker, rate, 8.0, f"flood-{rate}"), publisher.run(8.0))
             await settle(members, publisher.ids)
-            report(f"flood {rate} msg/s", members, probe,
-                   f"closed with {seen['close_code']} after {seen['closed_at']:.1f} s, {seen['rate_limited']} "
-                   f"rate_limited, {seen['sent']} sent")
+            report(
+                f"flood {rate} msg/s",
+                members,
+                probe,
+                f"closed with {seen['close_code']} after {seen['closed_at']:.1f} s, {seen['rate_limited']} "
+                f"rate_limited, {seen['sent']} sent",
+            )
             problems = delivery_problems(members, publisher.ids)
         finally:
             await leave(members)
@@ -438,7 +462,9 @@ async def test_a_paced_flood_is_closed_with_1008_while_roommates_miss_nothing(st
 
     assert seen["close_code"] == 1008, seen
     assert seen["rate_limited"] > 0 and not seen["other_errors"], seen
-    assert seen["closed_at"] <= flood_deadline(rate), f"closed after {seen['closed_at']:.1f} s, not by {flood_deadline(rate):.1f}"
+    assert seen["closed_at"] <= flood_deadline(rate), (
+        f"closed after {seen['closed_at']:.1f} s, not by {flood_deadline(rate):.1f}"
+    )
     assert seen["closed_at"] >= seen["first_refusal"] + CLOSE_AFTER_SECONDS - 0.5, seen
     assert not problems, problems
     assert not probe.problems(HEALTH_MAX_MS), probe.problems(HEALTH_MAX_MS)
@@ -463,7 +489,7 @@ async def test_a_flood_that_interleaves_valid_pauses_is_still_closed(stack):
             while time.monotonic() < deadline:
                 try:
                     frame = json.loads(await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic())))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 refused += frame.get("code") == "rate_limited"
     except websockets.ConnectionClosed:
@@ -517,9 +543,13 @@ async def test_a_flooder_that_keeps_sending_after_its_1008_harms_nothing(stack):
             reader.join(15)
         attacker.abort()
         await settle(members, publisher.ids)
-        report("send after close", members, probe,
-               f"attacker closed with {attacker.close_code} after {result['closed_at']}, "
-               f"{result['sent_after_close']} sends after it went through, {result['failed_after_close']} failed")
+        report(
+            "send after close",
+            members,
+            probe,
+            f"attacker closed with {attacker.close_code} after {result['closed_at']}, "
+            f"{result['sent_after_close']} sends after it went through, {result['failed_after_close']} failed",
+        )
         problems = delivery_problems(members, publisher.ids)
     finally:
         await leave(members)
@@ -577,10 +607,14 @@ async def test_ten_members_that_stop_reading_are_cut_and_memory_stays_bounded(st
         report(f"baseline: the same load for {BASELINE_SECONDS:.0f} s, no slow reader", members, calm_probe)
         for member in members:
             member.latencies.clear()
-        slow += [await asyncio.to_thread(rawws.RawWebSocket, "127.0.0.1", port, f"/ws/chat/{room}/", rcvbuf=4096)
-                 for _ in range(SLOW_READERS)]
+        slow += [
+            await asyncio.to_thread(rawws.RawWebSocket, "127.0.0.1", port, f"/ws/chat/{room}/", rcvbuf=4096)
+            for _ in range(SLOW_READERS)
+        ]
         await asyncio.sleep(0.5)
-        assert open_sockets(port) == SLOW_READERS + good_on_target, [l for l in scrape(port).splitlines() if "open_sockets{" in l]
+        assert open_sockets(port) == SLOW_READERS + good_on_target, [
+            line for line in scrape(port).splitlines() if "open_sockets{" in line
+        ]
         baseline = rss_bytes(pid)
         peak = baseline
         gauge_cut_at = None
@@ -597,14 +631,19 @@ async def test_ten_members_that_stop_reading_are_cut_and_memory_stays_bounded(st
 
         with HealthProbe(stack.replica_ports) as probe:
             ids, _ = await asyncio.gather(
-                asyncio.to_thread(publishers.run, SLOW_RATE, SLOW_SECONDS, "busy", SLOW_SIZE), watch())
+                asyncio.to_thread(publishers.run, SLOW_RATE, SLOW_SECONDS, "busy", SLOW_SIZE), watch()
+            )
         await settle(members, ids, timeout=15)
         growth = peak - baseline
         refused = metric_sum(port, "blueprint_ws_connections_refused_total", reason="slow_consumer") - refused_before
-        report(f"{SLOW_READERS} slow readers, {SLOW_RATE} msg/s of {SLOW_SIZE} B for {SLOW_SECONDS:.0f} s", members, probe,
-               f"{target} RSS {baseline / MIB:.1f} -> peak {peak / MIB:.1f} MiB (growth {growth / MIB:.1f} MiB, "
-               f"bound {(SLOW_READERS * MAX_PENDING_BYTES + RSS_ALLOWANCE) / MIB:.0f} MiB); slow readers gone from the "
-               f"gauge after {gauge_cut_at} s; slow_consumer refusals +{refused:g}")
+        report(
+            f"{SLOW_READERS} slow readers, {SLOW_RATE} msg/s of {SLOW_SIZE} B for {SLOW_SECONDS:.0f} s",
+            members,
+            probe,
+            f"{target} RSS {baseline / MIB:.1f} -> peak {peak / MIB:.1f} MiB (growth {growth / MIB:.1f} MiB, "
+            f"bound {(SLOW_READERS * MAX_PENDING_BYTES + RSS_ALLOWANCE) / MIB:.0f} MiB); slow readers gone from the "
+            f"gauge after {gauge_cut_at} s; slow_consumer refusals +{refused:g}",
+        )
 
         def what_slow_readers_saw(ws) -> str:
             frames = ws.frames_until_close(2)
@@ -633,6 +672,7 @@ async def test_ten_members_that_stop_reading_are_cut_and_memory_stays_bounded(st
 
 
 # --- f) a full replica under crash attempts ------------------------------------------------
+
 
 def test_a_full_replica_survives_crash_attempts_and_keeps_accepting(redis_server):
     """WS_MAX_CONNECTIONS=3: every slot is taken by a socket that tries to
@@ -701,8 +741,9 @@ def test_a_full_replica_survives_crash_attempts_and_keeps_accepting(redis_server
         ws.abort()
         return ws.close_code
 
-    with LiveDaphne(redis_server.url, CHANNEL_LAYER="redis-fanout", WS_MAX_CONNECTIONS="3",
-                    DRAIN_TIMEOUT_SECONDS="2") as daphne:
+    with LiveDaphne(
+        redis_server.url, CHANNEL_LAYER="redis-fanout", WS_MAX_CONNECTIONS="3", DRAIN_TIMEOUT_SECONDS="2"
+    ) as daphne:
         notes = []
         for path in ("/ws/echo/", "/ws/api/", "/ws/chat/full/"):
             notes += crash_round(daphne, path)

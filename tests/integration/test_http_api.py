@@ -1,4 +1,5 @@
 """The HTTP side against a real Redis: broadcast reaches sockets, refuses bad bodies, readiness follows Redis."""
+
 import asyncio
 import json
 import threading
@@ -9,10 +10,10 @@ import redis
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient, Client
 from prometheus_client import REGISTRY
-
 from realtime import views
 from realtime.protocol import MAX_JSON_DEPTH
 from realtime.readiness import Readiness
+
 from tests.processes import wait_for
 from tests.ws import join
 
@@ -52,9 +53,12 @@ def counted_checks(monkeypatch):
 
 
 def layer_errors() -> float:
-    return REGISTRY.get_sample_value(
-        "blueprint_channel_layer_errors_total", {"replica": "pod-test", "operation": "group_send"}
-    ) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "blueprint_channel_layer_errors_total", {"replica": "pod-test", "operation": "group_send"}
+        )
+        or 0.0
+    )
 
 
 def post(room: str, body: str, **headers):
@@ -77,7 +81,9 @@ async def test_the_202_says_where_the_message_is_in_the_rooms_history(redis_serv
         "default": {"BACKEND": "realtime.layers.FanoutChannelLayer", "CONFIG": {"hosts": [redis_server.url]}}
     }
     member = await join("positions")
-    answers = [json.loads((await sync_to_async(post)("positions", f'{{"message": "{n}"}}', **AUTH)).content) for n in range(3)]
+    answers = [
+        json.loads((await sync_to_async(post)("positions", f'{{"message": "{n}"}}', **AUTH)).content) for n in range(3)
+    ]
     frames = [await member.receive_json_from(timeout=5) for _ in range(3)]
     await member.disconnect()
     assert [(a["epoch"], a["offset"]) for a in answers] == [(f["epoch"], f["offset"]) for f in frames]
@@ -132,7 +138,8 @@ def test_broadcast_answers_each_bad_body_400_json_with_its_code_and_never_blames
 
 def test_a_valid_body_at_the_edges_of_the_rules_is_published(redis_layer):
     body = '{"message": "caf\\u00e9 \\ud83d\\ude00", "id": %d, "sent_at": [%s]}' % (
-        2**53 - 1, "[" * (MAX_JSON_DEPTH - 3) + "]" * (MAX_JSON_DEPTH - 3)
+        2**53 - 1,
+        "[" * (MAX_JSON_DEPTH - 3) + "]" * (MAX_JSON_DEPTH - 3),
     )
     assert post("news", body, **AUTH).status_code == 202
 

@@ -1,12 +1,13 @@
 """The whole scaled topology on one machine: fan-out across every pair of replicas through nginx."""
+
 import asyncio
 import signal
 
 import pytest
 
 from loadtest.fanout_check import run_fanout_check
-from tests.processes import status_of
 from tests.integration.running_stack import checked_stack, local_stack  # noqa: F401 (fixture)
+from tests.processes import status_of
 
 pytestmark = pytest.mark.stack
 
@@ -55,6 +56,7 @@ async def test_members_resume_through_a_killed_and_restarted_replica_and_get_eve
 
     async def before_round(number, members):
         if number == 2:
+
             async def kill():
                 await asyncio.sleep(0.05)  # after this round's publishes are on their way
                 await asyncio.to_thread(stack.kill_replica, victim, signal.SIGKILL)
@@ -69,8 +71,14 @@ async def test_members_resume_through_a_killed_and_restarted_replica_and_get_eve
             await asyncio.to_thread(stack.start_replica, victim)
 
     report = await run_fanout_check(
-        stack.url, rooms=3, clients_per_room=6, expect_replicas=3, broadcast_token=stack.broadcast_token,
-        rounds=4, round_interval=0.3, before_round=before_round,
+        stack.url,
+        rooms=3,
+        clients_per_room=6,
+        expect_replicas=3,
+        broadcast_token=stack.broadcast_token,
+        rounds=4,
+        round_interval=0.3,
+        before_round=before_round,
     )
     print(report.render())
     assert report.ok, report.render()

@@ -3,6 +3,7 @@
 locust runs as a subprocess, as ops teams run it: its gevent monkey-patching
 must not leak into pytest, and the exit code is what a pipeline sees.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -37,10 +38,28 @@ def run_locust(url: str, out: Path, *options: str, users: int = 18, run_time: st
     """Run the FanoutUser scenario headless; returns (exit code, summary JSON, stdout + stderr)."""
     summary = out / "summary.txt"
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "FanoutUser",
-        "--headless", "--only-summary", "--host", url,
-        "--users", str(users), "--spawn-rate", "9", "--run-time", run_time,
-        "--csv", str(out / "fanout"), "--html", str(out / "fanout.html"), "--summary-file", str(summary),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "FanoutUser",
+        "--headless",
+        "--only-summary",
+        "--host",
+        url,
+        "--users",
+        str(users),
+        "--spawn-rate",
+        "9",
+        "--run-time",
+        run_time,
+        "--csv",
+        str(out / "fanout"),
+        "--html",
+        str(out / "fanout.html"),
+        "--summary-file",
+        str(summary),
         *options,
     ]
     # The caller's LOCUST_* settings must not change what this test measures.
@@ -103,8 +122,16 @@ def test_an_impossible_threshold_fails_a_distributed_run(stack, tmp_path):
     # Master plus two worker processes: the master judges the aggregated
     # stats, so it must still see every replica and every pair.
     code, verdict, output = run_locust(
-        stack.url, tmp_path, "--processes", "2", "--max-p99-ms", "0.001", "--min-replicas", "3",
-        users=24, run_time="8s",
+        stack.url,
+        tmp_path,
+        "--processes",
+        "2",
+        "--max-p99-ms",
+        "0.001",
+        "--min-replicas",
+        "3",
+        users=24,
+        run_time="8s",
     )
 
     assert (code, verdict["status"]) == (1, "FAIL"), output

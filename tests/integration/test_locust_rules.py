@@ -4,6 +4,7 @@ These modules import neither locust nor gevent, so they run in plain pytest;
 the end-to-end proof against real replicas is in test_locust_fanout.py (and,
 for the fan-out check's tally, test_local_stack.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -182,10 +183,22 @@ def test_reconnects_and_resumes_are_counted_and_a_duplicate_fails_the_run():
 
 
 def chat(number, pod, connection, replayed=False):
-    return Chat(2.0, connection, pod, replayed, {
-        "type": "chat.message", "message": f"text {number}", "id": f"m{number}", "sent_at": 1000.0,
-        "origin": "daphne-1", "served_by": pod, "epoch": "e1", "offset": number,
-    })
+    return Chat(
+        2.0,
+        connection,
+        pod,
+        replayed,
+        {
+            "type": "chat.message",
+            "message": f"text {number}",
+            "id": f"m{number}",
+            "sent_at": 1000.0,
+            "origin": "daphne-1",
+            "served_by": pod,
+            "epoch": "e1",
+            "offset": number,
+        },
+    )
 
 
 def test_the_fanout_tally_counts_each_message_once_per_member_and_names_what_a_member_was_told_it_missed():

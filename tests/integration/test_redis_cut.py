@@ -5,6 +5,7 @@ healthy and serving within 10 s of the heal, at normal CPU.
 The cut is a TCP proxy stopped with SIGSTOP (tests/tcp_proxy.py): packets
 are neither forwarded nor refused, as when a cloud network drops them.
 """
+
 import asyncio
 import json
 import os
@@ -61,7 +62,7 @@ def test_a_long_cut_under_traffic(redis_server):
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(publisher.recv(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
         load = [asyncio.ensure_future(traffic()), asyncio.ensure_future(drain_publisher())]
@@ -103,9 +104,10 @@ def test_a_long_cut_under_traffic(redis_server):
         return max(closed_after), stalled, peak, serving_after, cpu_share
 
     try:
-        with Daphne(cut_url, name="cut", REDIS_LINK_TIMEOUT_SECONDS=str(LINK_TIMEOUT), **FANOUT, **fast) as cut, Daphne(
-            redis_server.url, name="other", **FANOUT, **fast
-        ) as other:
+        with (
+            Daphne(cut_url, name="cut", REDIS_LINK_TIMEOUT_SECONDS=str(LINK_TIMEOUT), **FANOUT, **fast) as cut,
+            Daphne(redis_server.url, name="other", **FANOUT, **fast) as other,
+        ):
             closed_after, stalled, peak, serving_after, cpu_share = asyncio.run(scenario(cut, other))
     finally:
         proxy.close()

@@ -4,14 +4,15 @@ A group_send on pod B must reach a member whose channel lives on pod A,
 through a real redis-server, for both channels_redis backends and the
 blueprint's fan-out layer built on the pub/sub one.
 """
+
 import asyncio
 
 import pytest
 from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer
-
 from realtime import protocol
 from realtime.layers import FanoutChannelLayer
+
 from tests.ws import join
 
 pytestmark = pytest.mark.redis

@@ -1,4 +1,5 @@
 """A replica on a password-protected Redis reached over TLS (rediss://)."""
+
 import asyncio
 import json
 import subprocess
@@ -36,9 +37,10 @@ def tls_redis(tmp_path):
 
 def test_a_replica_serves_chat_over_tls_redis(tls_redis):
     async def chat(daphne):
-        async with websockets.connect(daphne.ws("/ws/chat/tls/"), origin=daphne.origin) as a, websockets.connect(
-            daphne.ws("/ws/chat/tls/"), origin=daphne.origin
-        ) as b:
+        async with (
+            websockets.connect(daphne.ws("/ws/chat/tls/"), origin=daphne.origin) as a,
+            websockets.connect(daphne.ws("/ws/chat/tls/"), origin=daphne.origin) as b,
+        ):
             await a.recv(), await b.recv()
             await a.send(json.dumps({"message": "encrypted in transit"}))
             return json.loads(await asyncio.wait_for(b.recv(), 5))

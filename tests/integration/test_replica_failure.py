@@ -5,6 +5,7 @@ replicas, and sockets on the other replicas keep receiving every message
 published afterwards, exactly once. Started again, the replica takes new
 sockets and its messages reach everyone.
 """
+
 import asyncio
 from collections import defaultdict
 

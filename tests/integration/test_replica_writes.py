@@ -6,6 +6,7 @@ the rest. A slow reader must still get
 every frame, whole and in order, on both paths a frame takes: a reply to one
 socket, and a room fan-out framed once for every member.
 """
+
 import asyncio
 import json
 import signal

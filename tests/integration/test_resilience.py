@@ -1,4 +1,5 @@
 """A replica through SIGTERM, a Redis restart and a SIGKILLed neighbour, as real processes."""
+
 import asyncio
 import json
 import signal
@@ -8,8 +9,8 @@ import pytest
 import redis
 import websockets
 from channels_redis.core import RedisChannelLayer
-
 from realtime import protocol
+
 from tests.processes import Daphne, status_of, wait_for
 
 pytestmark = pytest.mark.redis
@@ -90,9 +91,10 @@ def test_a_killed_replicas_members_expire_within_group_expiry(redis_server):
         await publisher.close()
         await alive.close()
 
-    with Daphne(redis_server.url, name="doomed", CHANNEL_GROUP_EXPIRY="3") as doomed, Daphne(
-        redis_server.url, name="survivor", CHANNEL_GROUP_EXPIRY="3"
-    ) as survivor:
+    with (
+        Daphne(redis_server.url, name="doomed", CHANNEL_GROUP_EXPIRY="3") as doomed,
+        Daphne(redis_server.url, name="survivor", CHANNEL_GROUP_EXPIRY="3") as survivor,
+    ):
         asyncio.run(scenario(doomed, survivor))
         # group_send pruned the dead members: later sends write to 2 channels, not 32.
         assert members(redis_server, "stale") <= 2
@@ -147,11 +149,11 @@ def test_fanout_resumes_within_10_s_after_a_redis_restart(redis_server, layer):
                 member = member or await join(daphne, "outage")
                 publisher = publisher or await join(daphne, "outage")
                 await publisher.send(json.dumps({"message": "probe"}))
-                frame = await next_chat(member, 0.5)
+                await next_chat(member, 0.5)
                 await publisher.close()
                 await member.close()
                 return time.monotonic() - back
-            except (asyncio.TimeoutError, OSError, websockets.InvalidStatus):
+            except (TimeoutError, OSError, websockets.InvalidStatus):
                 continue
         raise AssertionError("the member received nothing for 10 s after Redis came back")
 

@@ -4,6 +4,7 @@ Each drained replica closes its sockets with 1001; clients reconnect through
 nginx to the others; every client ends connected, and every message published
 after a client's last (re)connection reaches it.
 """
+
 import asyncio
 import signal
 import time
@@ -77,7 +78,10 @@ def test_rolling_restart_under_traffic_loses_no_client_and_no_message():
     with checked_stack(replicas=3, env={"DRAIN_TIMEOUT_SECONDS": "5"}) as stack:
         started = time.monotonic()
         clients, published = asyncio.run(traffic(stack))
-        print(f"rolling restart of 3 replicas took {time.monotonic() - started:.1f} s, {len(published)} messages published")
+        print(
+            f"rolling restart of 3 replicas took {time.monotonic() - started:.1f} s, {len(published)} messages "
+            "published"
+        )
         problems = []
         for client in clients:
             assert client.connected_at_end, f"a client in {client.room} ended disconnected"

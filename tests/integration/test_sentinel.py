@@ -4,8 +4,8 @@ redis-sentinel runs it). The master is killed; the Sentinels promote the
 replica; the app replica follows the new master, and every member either
 resumes with what it missed or is told ``recovered: false``.
 """
+
 import asyncio
-import json
 import shutil
 import signal
 import socket
@@ -46,14 +46,16 @@ class SentinelSet:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.directory / f"{name}.log", "wb")
+        log = open(self.directory / f"{name}.log", "wb")  # noqa: SIM115 - the server writes to it until stop()
         self.processes[name] = subprocess.Popen([self.binary, *args], stdout=log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> "SentinelSet":
         # --dir: a replica writes the full sync it receives to disk.
         common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.directory)]
         self._start("master", ["--port", str(self.master_port), *common])
-        self._start("replica", ["--port", str(self.replica_port), *common, "--replicaof", "127.0.0.1", str(self.master_port)])
+        self._start(
+            "replica", ["--port", str(self.replica_port), *common, "--replicaof", "127.0.0.1", str(self.master_port)]
+        )
         for index, port in enumerate(self.sentinel_ports):
             config = self.directory / f"sentinel-{index}.conf"
             config.write_text(
@@ -63,7 +65,11 @@ class SentinelSet:
                 f"sentinel failover-timeout {MASTER} 5000\n"
             )
             self._start(f"sentinel-{index}", [str(config), "--sentinel"])
-        wait_for(lambda: all(answers(port) for port in [self.master_port, self.replica_port, *self.sentinel_ports]), 10, "redis up")
+        wait_for(
+            lambda: all(answers(port) for port in [self.master_port, self.replica_port, *self.sentinel_ports]),
+            10,
+            "redis up",
+        )
         replica = redis.Redis(port=self.replica_port)
         wait_for(lambda: replica.info("replication")["master_link_status"] == "up", 10, "replica in sync")
         sentinel = redis.Redis(port=self.sentinel_ports[0])

@@ -1,13 +1,13 @@
 """A room's members on one replica share one decoded event (the fan-out
 layer), so a consumer that tries to change it must fail, alone and loudly,
 and its roommates must get the event as it was published."""
+
 import logging
 
 import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.urls import re_path
-
 from realtime.consumers import ChatConsumer
 
 pytestmark = pytest.mark.redis

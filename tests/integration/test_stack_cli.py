@@ -1,5 +1,6 @@
 """`python -m loadtest.demo --serve` (what make demo runs) serves the chat page, says how to use it
 last, and Ctrl-C exits 0 leaving nothing running."""
+
 import os
 import re
 import signal
@@ -34,7 +35,11 @@ def test_ctrl_c_stops_every_process_of_the_served_stack(tmp_path):
     log = (tmp_path / "stack.log").open("w")
     runner = subprocess.Popen(
         [sys.executable, "-m", "loadtest.demo", "--replicas", "2", "--serve"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        start_new_session=True,
     )
     try:
         first_line = runner.stdout.readline()

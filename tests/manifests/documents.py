@@ -1,4 +1,5 @@
 """Lookups in rendered manifests: workloads, their containers, env and probes."""
+
 from __future__ import annotations
 
 POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet", "Job")

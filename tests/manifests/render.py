@@ -6,6 +6,7 @@ Shared by the manifest tests and `make k8s-check`, which runs it as
 
 to write one YAML file per kustomization and print each with its document count.
 """
+
 from __future__ import annotations
 
 import shutil

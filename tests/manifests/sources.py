@@ -3,17 +3,16 @@
 Each reader returns plain values (names, ports, paths) for the consistency
 tests to compare with the rendered manifests.
 """
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import pytest
-
-from tests.required import unavailable
 import yaml
 
 from tests.manifests.render import ROOT
+from tests.required import unavailable
 
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
 NGINX_TEMPLATE = ROOT / "nginx" / "nginx.conf.template"

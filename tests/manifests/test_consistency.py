@@ -4,6 +4,7 @@ nginx's template, the load test, docker-compose.yml and the README.
 A port, probe path, image tag or environment name changed in one place only
 fails here.
 """
+
 from __future__ import annotations
 
 import ast
@@ -109,7 +110,10 @@ async def test_probe_paths_are_the_apps_liveness_and_readiness(role, settings):
         sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]
     settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [f"redis://127.0.0.1:{dead_port}"]}}
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [f"redis://127.0.0.1:{dead_port}"]},
+        }
     }
     settings.READYZ_TIMEOUT_SECONDS = 1.0
     if READY_WITH_REDIS_ONLY[role]:
@@ -158,7 +162,8 @@ def test_one_app_image_tag_everywhere():
     """The app and load-test images are built together: one tag for both."""
     images = {
         container(w)["image"]
-        for name in KUSTOMIZATIONS for w in workloads(render(name))
+        for name in KUSTOMIZATIONS
+        for w in workloads(render(name))
         if container(w)["image"].split(":")[0] in (APP_IMAGE_REPOSITORY, LOADTEST_IMAGE_REPOSITORY)
     }
     assert len({image.split(":")[1] for image in images}) == 1, images
@@ -178,9 +183,7 @@ def test_every_variable_is_read_by_what_receives_it(name):
     """A misspelt variable is silently ignored by its program: each name must
     appear in the code that reads it, or be used by another variable."""
     app_code = _source_texts([*sorted((ROOT / "app").rglob("*.py")), sources.ENTRYPOINT])
-    locust_code = _source_texts(
-        [LOCUST_PACKAGE / "argument_parser.py", *sorted((ROOT / "loadtest").glob("*.py"))]
-    )
+    locust_code = _source_texts([LOCUST_PACKAGE / "argument_parser.py", *sorted((ROOT / "loadtest").glob("*.py"))])
     nginx_code = _source_texts([sources.NGINX_TEMPLATE, ROOT / "nginx" / "docker-entrypoint.sh"])
     docs = render(name)
     for workload in workloads(docs):
@@ -349,8 +352,11 @@ def test_compose_passes_every_variable_kubernetes_sets(role, name):
 
 def test_readme_names_the_images_kubernetes_runs():
     docs = render("dev")
-    expected = {image(docs, "Deployment", "daphne"), image(docs, "Deployment", "nginx"),
-                image(render("loadtest"), "Job", "locust-master")}
+    expected = {
+        image(docs, "Deployment", "daphne"),
+        image(docs, "Deployment", "nginx"),
+        image(render("loadtest"), "Job", "locust-master"),
+    }
     assert sources.readme_images(sources.readme()) == expected
 
 
@@ -414,9 +420,15 @@ def test_compose_and_kubernetes_bound_redis_memory_alike(name):
 # SIGTERM's length, the bounds how a slow member or a backlog is cut, the
 # history what a resume can recover.
 FAULT_SETTINGS = (
-    "REDIS_LINK_TIMEOUT_SECONDS", "DRAIN_TIMEOUT_SECONDS", "READYZ_CACHE_SECONDS", "READYZ_TIMEOUT_SECONDS",
-    "WS_MAX_PENDING_BYTES", "WS_MAX_PENDING_BYTES_TOTAL", "FANOUT_MAX_BACKLOG_BYTES",
-    "ROOM_HISTORY_SIZE", "ROOM_HISTORY_TTL_SECONDS",
+    "REDIS_LINK_TIMEOUT_SECONDS",
+    "DRAIN_TIMEOUT_SECONDS",
+    "READYZ_CACHE_SECONDS",
+    "READYZ_TIMEOUT_SECONDS",
+    "WS_MAX_PENDING_BYTES",
+    "WS_MAX_PENDING_BYTES_TOTAL",
+    "FANOUT_MAX_BACKLOG_BYTES",
+    "ROOM_HISTORY_SIZE",
+    "ROOM_HISTORY_TTL_SECONDS",
 )
 
 
@@ -465,4 +477,3 @@ def test_compose_lets_nginx_finish_its_graceful_stop():
     timeout = _seconds(re.search(r"^worker_shutdown_timeout (\w+);", sources.NGINX_TEMPLATE.read_text(), re.M).group(1))
     grace = _seconds(_compose_service(sources.compose_services(), "nginx")["stop_grace_period"])
     assert grace > timeout, f"compose stops nginx after {grace} s, its workers may take {timeout} s"
-

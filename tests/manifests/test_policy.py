@@ -3,14 +3,15 @@
 checkov runs from its own virtual env (`make checkov-venv`); its skips, each
 with its reason, are in k8s/checkov.yaml.
 """
+
 from __future__ import annotations
 
 import subprocess
 
 import pytest
 
-from tests.required import unavailable
 from tests.manifests.render import K8S, KUSTOMIZATIONS, ROOT, render_text
+from tests.required import unavailable
 
 pytestmark = pytest.mark.manifests
 
@@ -29,7 +30,10 @@ def test_checkov_passes_on_every_rendered_kustomization(checkov, tmp_path):
         (tmp_path / f"{name}.yaml").write_text(render_text(name))
     result = subprocess.run(
         [checkov, "--config-file", str(K8S / "checkov.yaml"), "--directory", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, f"checkov found policy failures:\n{result.stdout}\n{result.stderr}"
     # A scan that found nothing to scan would also exit 0.

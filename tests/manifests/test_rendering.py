@@ -3,6 +3,7 @@
 Schema: strict validation (unknown fields are errors) against the pinned
 Kubernetes version, from the schemas kubernetes-validate ships (no network).
 """
+
 from __future__ import annotations
 
 import copy
@@ -160,7 +161,8 @@ def test_only_app_pods_reach_redis_and_only_nginx_reaches_app_pods(name):
         redis_sources = [peer for rule in policies["redis"]["ingress"] for peer in rule["from"]]
         assert redis_sources == [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "app"}}}]
         app_pods = {
-            d["metadata"]["name"] for d in of_kind(docs, "Deployment")
+            d["metadata"]["name"]
+            for d in of_kind(docs, "Deployment")
             if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "app"
         }
         assert app_pods == {"daphne", "gunicorn"}

@@ -1,5 +1,6 @@
 """The chaos checker finds what it must: a message lost silently, one the
 member was told it missed, a duplicate, one out of order, a stall."""
+
 from __future__ import annotations
 
 from loadtest.chaos.checker import check
@@ -13,21 +14,33 @@ GIB = 2**30
 
 
 def publish(offset: int, at: float, epoch: str = "e1") -> Publish:
-    return Publish(f"m{epoch}{offset}", "room", "http", at, 10, acked_at=at + 0.01,
-                   position=Position(epoch, offset), outcome="acked")
+    return Publish(
+        f"m{epoch}{offset}",
+        "room",
+        "http",
+        at,
+        10,
+        acked_at=at + 0.01,
+        position=Position(epoch, offset),
+        outcome="acked",
+    )
 
 
 def member(deliveries: list[tuple[Publish, float]], welcomes: list[Welcome] | None = None) -> RoomMember:
     m = RoomMember("http://127.0.0.1:1", "room")
     m.welcomes = welcomes or [Welcome(T0, 0, "pod-a", "e1", 0, None, 0, None)]
     for p, at in deliveries:
-        m.chats.append(Chat(at, 0, "pod-a", False, {"id": p.id, "epoch": p.position.epoch, "offset": p.position.offset}))
+        m.chats.append(
+            Chat(at, 0, "pod-a", False, {"id": p.id, "epoch": p.position.epoch, "offset": p.position.offset})
+        )
     return m
 
 
 def verdict(members: list[RoomMember], publishes: list[Publish]):
-    windows = [Window("baseline", "baseline", T0, T0, next_start=T0 + 10),
-               Window("fault", "kill", T0 + 10, T0 + 12, next_start=T0 + 30)]
+    windows = [
+        Window("baseline", "baseline", T0, T0, next_start=T0 + 10),
+        Window("fault", "kill", T0 + 10, T0 + 12, next_start=T0 + 30),
+    ]
     observer = Observer(stack=None)
     observer.samples = [Sample(T0 + s, f"pod-{r}", True, True, 100 * 2**20) for s in range(31) for r in range(3)]
     return check(windows, {"room": members}, publishes, observer, GIB)
@@ -52,8 +65,9 @@ def test_a_message_lost_silently_fails_its_window():
 def test_a_gap_the_member_was_told_of_is_not_a_loss():
     ps = [publish(1, T0 + 1), publish(2, T0 + 11), publish(1, T0 + 13, epoch="e2")]
     told = Welcome(T0 + 12, 1, "pod-b", "e2", 0, False, 0, Position("e1", 1))
-    result = verdict([member([(ps[0], T0 + 1.1), (ps[2], T0 + 13.1)],
-                            [Welcome(T0, 0, "pod-a", "e1", 0, None, 0, None), told])], ps)
+    result = verdict(
+        [member([(ps[0], T0 + 1.1), (ps[2], T0 + 13.1)], [Welcome(T0, 0, "pod-a", "e1", 0, None, 0, None), told])], ps
+    )
     assert result.ok, result.as_dict()
     assert (result.windows[1].lost, result.windows[1].told_missed) == (0, 1)
 
@@ -77,9 +91,13 @@ def test_a_member_that_gave_up_fails_the_run():
 
 def test_a_replica_never_ready_again_fails():
     ps = [publish(1, T0 + 11)]
-    windows = [Window("baseline", "baseline", T0, T0, next_start=T0 + 10),
-               Window("fault", "kill", T0 + 10, T0 + 12, next_start=T0 + 30)]
+    windows = [
+        Window("baseline", "baseline", T0, T0, next_start=T0 + 10),
+        Window("fault", "kill", T0 + 10, T0 + 12, next_start=T0 + 30),
+    ]
     observer = Observer(stack=None)
-    observer.samples = [Sample(T0 + s, f"pod-{r}", True, r != 2 or s < 10, 100 * 2**20) for s in range(31) for r in range(3)]
+    observer.samples = [
+        Sample(T0 + s, f"pod-{r}", True, r != 2 or s < 10, 100 * 2**20) for s in range(31) for r in range(3)
+    ]
     result = check(windows, {"room": [member([(ps[0], T0 + 11.1)])]}, ps, observer, GIB)
     assert result.windows[1].healthy_after is None and not result.ok

@@ -1,10 +1,10 @@
 """The fast path's hold on other libraries' internals: verified versions, names present, a loud fallback."""
+
 import logging
 import re
 from pathlib import Path
 
 import pytest
-
 from realtime import compat
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,9 +19,12 @@ def undecided(monkeypatch):
 
 def test_the_locked_versions_are_the_verified_ones():
     locked = {name.lower(): version for name, version in compat.locked_versions(REPO / "requirements/app.lock").items()}
-    unverified = {package: locked[package] for package in compat.VERIFIED if locked[package] not in compat.VERIFIED[package]}
+    unverified = {
+        package: locked[package] for package in compat.VERIFIED if locked[package] not in compat.VERIFIED[package]
+    }
     assert not unverified, (
-        f"requirements/app.lock moved to {unverified}: run make canary, then add them to VERIFIED in app/realtime/compat.py"
+        f"requirements/app.lock moved to {unverified}: run make canary, then add them to VERIFIED in "
+        "app/realtime/compat.py"
     )
 
 
@@ -86,5 +89,7 @@ def test_no_other_module_uses_the_private_names():
                 library = owner.split(".")[0]
                 private = [name for name in names if name.startswith("_")]
                 if private and re.search(rf"^(from|import) {library}\b", text, re.MULTILINE):
-                    found += [f"{path.relative_to(REPO)}: {name}" for name in private if re.search(rf"\.{name}\b", text)]
+                    found += [
+                        f"{path.relative_to(REPO)}: {name}" for name in private if re.search(rf"\.{name}\b", text)
+                    ]
     assert not found, f"private names of other libraries belong in app/realtime/compat.py: {found}"

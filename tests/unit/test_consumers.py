@@ -1,4 +1,5 @@
 """Every consumer, exactly per the wire protocol, on the in-memory layer."""
+
 import json
 
 import pytest

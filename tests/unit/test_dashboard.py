@@ -1,4 +1,5 @@
 """The Grafana dashboard only charts metrics the app really exports."""
+
 import json
 import re
 from pathlib import Path

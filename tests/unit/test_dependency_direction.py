@@ -1,5 +1,6 @@
 """Dependencies run one way: the load tests may use the deployment code (the
 local stack), never the reverse, and the app imports neither."""
+
 from __future__ import annotations
 
 import ast
@@ -20,8 +21,12 @@ def imported_packages(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("package, forbidden", [("deploy", {"loadtest", "tests"}), ("app", {"deploy", "loadtest", "tests"})])
+@pytest.mark.parametrize(
+    "package, forbidden", [("deploy", {"loadtest", "tests"}), ("app", {"deploy", "loadtest", "tests"})]
+)
 def test_no_module_imports_against_the_direction(package, forbidden):
-    wrong = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & forbidden)
-             for path in sorted((ROOT / package).rglob("*.py"))}
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(imported_packages(path) & forbidden)
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
     assert not {path: names for path, names in wrong.items() if names}

@@ -1,10 +1,12 @@
 """How the environment is read: the rules behind every setting."""
-import pytest
 
+import pytest
 from config.env import ConfigError, env_bool, env_int, env_list, redis_hosts
 
 
-@pytest.mark.parametrize("raw,expected", [("1", True), ("TRUE", True), ("on", True), ("0", False), ("no", False), ("", False)])
+@pytest.mark.parametrize(
+    "raw,expected", [("1", True), ("TRUE", True), ("on", True), ("0", False), ("no", False), ("", False)]
+)
 def test_env_bool_reads_the_usual_spellings(monkeypatch, raw, expected):
     monkeypatch.setenv("FLAG", raw)
     assert env_bool("FLAG") is expected

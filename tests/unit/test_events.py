@@ -1,15 +1,17 @@
 """The event the fan-out layer shares among a room's members: read-only all the way down."""
+
 import copy
 import json
 
 import msgpack
 import pytest
-
 from realtime.events import SharedEvent
 
 
 def shared() -> SharedEvent:
-    return SharedEvent.frozen({"type": "chat.message", "message": "hi", "id": {"tags": ["a", "b"]}}, offset=3, epoch="e")
+    return SharedEvent.frozen(
+        {"type": "chat.message", "message": "hi", "id": {"tags": ["a", "b"]}}, offset=3, epoch="e"
+    )
 
 
 @pytest.mark.parametrize(

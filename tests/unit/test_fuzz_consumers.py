@@ -3,10 +3,12 @@
 Hypothesis throws random text and binary frames (JSON-shaped and not) at each
 consumer; after every frame the same socket must still answer a valid message.
 """
+
 import asyncio
 import json
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.ws import connect
 
@@ -31,7 +33,10 @@ frames = st.one_of(
 CONSUMERS = {
     "/ws/echo/": ({"message": "ping"}, lambda reply: reply.get("message") == "ping"),
     "/ws/api/": ({"request": "ping"}, lambda reply: reply == {"status": "OK", "data": "ping"}),
-    "/ws/chat/fuzz/": ({"message": "ping"}, lambda reply: reply.get("type") == "chat.message" and reply["message"] == "ping"),
+    "/ws/chat/fuzz/": (
+        {"message": "ping"},
+        lambda reply: reply.get("type") == "chat.message" and reply["message"] == "ping",
+    ),
 }
 
 

@@ -1,13 +1,14 @@
 """Per-socket and per-replica limits, the drain flag, metrics and log format."""
+
 import asyncio
 import json
 import logging
 
-from django.test import Client
-
 from config.logging import JsonFormatter
+from django.test import Client
 from realtime.limits import TokenBucket
 from realtime.replica import state
+
 from tests.ws import connect, join
 
 

@@ -1,16 +1,17 @@
 """The one nginx config: each way of running renders the same template, and nginx accepts every rendering."""
+
 import os
 import re
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from realtime import command_line
 
 from deploy import render_nginx
 from deploy.render_nginx import TEMPLATE, render, values_for
 from deploy.stack import LocalStack, nginx_binary
-from realtime import command_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,9 @@ def nginx_t(text: str, tmp_path: Path) -> None:
     config.write_text(text)
     result = subprocess.run(
         [nginx_binary(), "-t", "-e", "stderr", "-p", str(tmp_path), "-c", str(config)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
@@ -48,10 +51,25 @@ def test_a_compose_like_rendering_with_names_and_a_resolver_passes_nginx_t(tmp_p
     # `localhost` stands in: a name, not an address, resolvable anywhere; the
     # real names are exercised by the compose tests.
     output = tmp_path / "nginx.conf"
-    assert render_nginx.main([
-        "--port", "8080", "--runtime-dir", str(tmp_path), "--daphne", "localhost:8000",
-        "--gunicorn", "localhost:8001", "--resolver", "127.0.0.11", "-o", str(output),
-    ]) == 0
+    assert (
+        render_nginx.main(
+            [
+                "--port",
+                "8080",
+                "--runtime-dir",
+                str(tmp_path),
+                "--daphne",
+                "localhost:8000",
+                "--gunicorn",
+                "localhost:8001",
+                "--resolver",
+                "127.0.0.11",
+                "-o",
+                str(output),
+            ]
+        )
+        == 0
+    )
     text = output.read_text()
     assert "resolver 127.0.0.11 valid=5s;" in text
     assert "server localhost:8000 max_fails=0;" in text
@@ -116,7 +134,7 @@ EDGE_HEADERS = {
 
 def test_every_proxied_location_gets_every_edge_header_and_none_can_be_spoofed():
     config = directives(TEMPLATE.read_text())
-    server = config[config.index("server {"):]
+    server = config[config.index("server {") :]
     # A proxy_set_header in a location would replace all the server's ones there.
     for match, block in locations(config).items():
         assert "proxy_set_header" not in block, f"location {match} sets its own headers and loses the server's"
@@ -137,13 +155,17 @@ def test_only_the_daphne_pool_is_sent_upgrades():
         block = re.search(r"map \$proxy_host \$%s \{([^}]*)\}" % variable, config).group(1)
         assert dict(re.findall(r"(\S+)\s+(.+);", block)) == {"daphne": for_daphne, "default": '""'}
     # A WebSocket upgrade only: no h2c or other protocol reaches Daphne as an upgrade.
-    assert re.search(r"map \$http_upgrade \$connection_upgrade \{\s+~\*\^websocket\$ upgrade;\s+default\s+close;", config)
+    assert re.search(
+        r"map \$http_upgrade \$connection_upgrade \{\s+~\*\^websocket\$ upgrade;\s+default\s+close;", config
+    )
 
 
 def test_there_is_one_nginx_config():
     copies = []
     for folder, subfolders, files in os.walk(REPO):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".") and name not in {"build", "node_modules"}]
+        subfolders[:] = [
+            name for name in subfolders if not name.startswith(".") and name not in {"build", "node_modules"}
+        ]
         for name in files:
             path = Path(folder, name)
             if path != TEMPLATE and path.suffix in {".conf", ".template", ".tmpl", ".yaml", ".yml", ""}:

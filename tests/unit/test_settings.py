@@ -3,6 +3,7 @@
 Each case imports the real settings module in a fresh interpreter, the way
 daphne, gunicorn and manage.py load it.
 """
+
 import os
 import subprocess
 import sys
