@@ -1,4 +1,4 @@
-"""The wire protocol of ARCHITECTURE.md, as pure functions.
+"""The wire protocol (README, "Wire protocol"), as pure functions.
 
 Consumers and the HTTP broadcast view share these, so a frame is validated
 and shaped in exactly one place, and the rules are testable without sockets.
