@@ -114,6 +114,7 @@ class ComposeStack:
             "REDIS_PASSWORD": secrets.token_hex(16),
             "BROADCAST_TOKEN": token,
             "NGINX_PORT": port,
+            "LOCUST_PORT": free_port(),  # the loadtest profile's web UI, if started
             **(environment or {}),
         }
         env_file.write_text("".join(f"{name}={value}\n" for name, value in variables.items()))

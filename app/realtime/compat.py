@@ -93,8 +93,12 @@ def _defines(cls: type, name: str) -> bool:
         return True
     library = cls.__module__.split(".")[0]
     assignment = re.compile(rf"\bself\.{re.escape(name)}\s*(:[^=\n]+)?=[^=]")
+    # The source of each class's module, not of the class: finding a class's
+    # lines parses the module with ast, which CPython 3.11 before 3.11.8 can
+    # refuse (SystemError) in a process that has caught a RecursionError.
     return any(
-        klass.__module__.split(".")[0] == library and assignment.search(inspect.getsource(klass))
+        klass.__module__.split(".")[0] == library
+        and assignment.search(inspect.getsource(sys.modules[klass.__module__]))
         for klass in cls.__mro__
     )
 

@@ -9,14 +9,16 @@ restart and a Redis outage.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
 import time
+import urllib.request
 from collections import defaultdict
 
 import pytest
 
-from loadtest.compose_stack import ComposeStack, docker_inspect, run
+from loadtest.compose_stack import LOADTEST_IMAGE, ComposeStack, docker_inspect, run
 from loadtest.fanout_check import (
     CheckError,
     FanoutReport,
@@ -230,3 +232,23 @@ def probe(stack: ComposeStack, container: str, path: str) -> tuple[int, str]:
     )
     said = (result.stdout + result.stderr).strip()
     return result.returncode, said[said.rfind("answered") :] if "answered" in said else said
+
+
+def test_loadtest_profile_runs_locust_from_its_own_image(stack):
+    """`make up LOCUST_WORKERS=2`: master and workers run the load-test image
+    (the app image has no locust) and the master counts both workers."""
+    stack.make("up", REPLICAS=3, LOCUST_WORKERS=2)
+    locust = stack.containers("locust-master") + stack.containers("locust-worker")
+    assert len(locust) == 3
+    assert {c["Config"]["Image"] for c in docker_inspect(*locust)} == {LOADTEST_IMAGE}
+    address = stack.compose("--profile", "loadtest", "port", "locust-master", "8089").stdout.strip()
+    deadline = time.monotonic() + 60
+    workers = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        try:
+            with urllib.request.urlopen(f"http://{address}/stats/requests", timeout=5) as response:
+                workers = json.loads(response.read()).get("workers", [])
+        except OSError:
+            pass
+        time.sleep(1)
+    assert len(workers) == 2, f"the locust master counts {len(workers)} workers"
