@@ -30,30 +30,46 @@ from dataclasses import dataclass
 from redis.commands.core import AsyncScript
 
 # Every script starts here. KEYS[1] the stream, KEYS[2] its meta hash (epoch,
-# replid, offset); ARGV[1] the epoch to start if a new one is needed, ARGV[2]
-# the TTL in seconds (0: none). Leaves the room's epoch and offset in `epoch`
-# and `top`: a room always has an epoch once anyone has looked at it.
+# replid, offset), KEYS[3] the ids of the messages the stream holds (a sorted
+# set scored by offset); ARGV[1] the epoch to start if a new one is needed,
+# ARGV[2] the TTL in seconds (0: none). Leaves the room's epoch and offset in
+# `epoch` and `top`: a room always has an epoch once anyone has looked at it.
 EPOCH = """
 local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
 local meta = redis.call('HMGET', KEYS[2], 'epoch', 'replid', 'offset')
 local epoch, top = meta[1], tonumber(meta[3])
 if (not epoch) or meta[2] ~= replid then
   epoch, top = ARGV[1], 0
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[3])
   redis.call('HSET', KEYS[2], 'epoch', epoch, 'replid', replid, 'offset', 0)
 end
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 """
 
-# ARGV[3] pub/sub channel, ARGV[4] payload, ARGV[5] max entries.
+# ARGV[3] pub/sub channel, ARGV[4] payload, ARGV[5] max entries, ARGV[6] the
+# message's id ('' for none). A message whose id the history still holds was
+# published already (a client that resent it after losing its socket, or a
+# publish that reached Redis after its publisher gave up on it): it is not
+# published again, and the answer is the first one's offset, flagged 1.
 PUBLISH_SCRIPT = (
     EPOCH
     + """
+if ARGV[6] ~= '' then
+  local seen = redis.call('ZSCORE', KEYS[3], ARGV[6])
+  if seen then return {epoch, tonumber(seen), 1} end
+end
 top = redis.call('HINCRBY', KEYS[2], 'offset', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '0-' .. top, 'd', ARGV[4])
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[3], top, ARGV[6])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', top - tonumber(ARGV[5]))
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  if ARGV[6] ~= '' then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
+end
 redis.call('PUBLISH', ARGV[3], 'H' .. top .. ':' .. epoch .. ':' .. ARGV[4])
-return {epoch, top}
+return {epoch, top, 0}
 """
 )
 
@@ -84,6 +100,7 @@ ENVELOPE = ord("H")
 class Position:
     epoch: str
     offset: int
+    repeated: bool = False  # a publish whose id the history held: not published again
 
 
 @dataclass(frozen=True)
@@ -99,8 +116,24 @@ def new_epoch() -> str:
     return secrets.token_hex(4)
 
 
-def keys(prefix: str, group: str) -> tuple[str, str]:
-    return f"{prefix}:history:{group}", f"{prefix}:history-meta:{group}"
+def keys(prefix: str, group: str) -> tuple[str, str, str]:
+    return f"{prefix}:history:{group}", f"{prefix}:history-meta:{group}", f"{prefix}:history-ids:{group}"
+
+
+# The ids a publish is deduplicated by: short strings and integers. Other
+# values (objects, long strings) pass through to members but are not kept.
+MAX_ID_LENGTH = 128
+
+
+def dedup_key(message_id: object) -> str:
+    """What the script keeps for ``message_id`` ('' for an id it does not keep)."""
+    if isinstance(message_id, bool):
+        return ""
+    if isinstance(message_id, int):
+        return f"i:{message_id}"
+    if isinstance(message_id, str) and 0 < len(message_id) <= MAX_ID_LENGTH:
+        return f"s:{message_id}"
+    return ""
 
 
 def open_envelope(data: bytes) -> tuple[int, str, bytes] | None:
@@ -121,9 +154,13 @@ def _script(text: str) -> AsyncScript:
 _PUBLISH, _POSITION, _SINCE = _script(PUBLISH_SCRIPT), _script(POSITION_SCRIPT), _script(SINCE_SCRIPT)
 
 
-async def publish(redis, prefix: str, group: str, channel: str, payload: bytes, size: int, ttl: int) -> Position:
-    epoch, offset = await _PUBLISH(keys(prefix, group), (new_epoch(), ttl, channel, payload, size), client=redis)
-    return Position(epoch.decode(), int(offset))
+async def publish(
+    redis, prefix: str, group: str, channel: str, payload: bytes, size: int, ttl: int, message_id: object = None
+) -> Position:
+    epoch, offset, repeated = await _PUBLISH(
+        keys(prefix, group), (new_epoch(), ttl, channel, payload, size, dedup_key(message_id)), client=redis
+    )
+    return Position(epoch.decode(), int(offset), bool(repeated))
 
 
 async def position(redis, prefix: str, group: str, ttl: int) -> Position:

@@ -91,6 +91,7 @@ metrics.FANOUT_BACKLOG.labels(metrics.REPLICA).set_function(
 )
 FANOUT_SHED = metrics.FANOUT_SHED.labels(metrics.REPLICA)
 HISTORY_APPENDS = metrics.HISTORY_APPENDS.labels(metrics.REPLICA)
+HISTORY_REPEATS = metrics.HISTORY_REPEATS.labels(metrics.REPLICA)
 
 
 class FanoutShard(compat.PubSubShard):
@@ -121,7 +122,9 @@ class FanoutShard(compat.PubSubShard):
             # publisher must hear "unavailable" long before that.
             await asyncio.wait_for(self.client().publish(channel, message), settings.REDIS_LINK_TIMEOUT_SECONDS)
 
-    async def publish_with_history(self, group: str, channel: str, message: bytes) -> history.Position:
+    async def publish_with_history(
+        self, group: str, channel: str, message: bytes, message_id: object = None
+    ) -> history.Position:
         async with self._publishing:
             position = await asyncio.wait_for(
                 history.publish(
@@ -132,10 +135,11 @@ class FanoutShard(compat.PubSubShard):
                     message,
                     settings.ROOM_HISTORY_SIZE,
                     settings.ROOM_HISTORY_TTL_SECONDS,
+                    message_id,
                 ),
                 settings.REDIS_LINK_TIMEOUT_SECONDS,
             )
-        HISTORY_APPENDS.inc()
+        (HISTORY_REPEATS if position.repeated else HISTORY_APPENDS).inc()
         return position
 
     async def keep_epochs(self, metas: list[str], ttl: int) -> None:
@@ -385,7 +389,7 @@ class FanoutLoopLayer(compat.PubSubLoopLayer):
         if settings.ROOM_HISTORY_SIZE <= 0:
             await shard.publish(channel, data)
             return None
-        return await shard.publish_with_history(group, channel, data)
+        return await shard.publish_with_history(group, channel, data, message.get("id"))
 
     async def group_send(self, group: str, message: dict) -> None:
         await self.publish(group, message)

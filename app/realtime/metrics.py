@@ -84,6 +84,11 @@ OVERLOADED = Gauge(
 HISTORY_APPENDS = Counter(
     "blueprint_history_appends", "Messages appended to a room's history (and published)", ["replica"]
 )
+HISTORY_REPEATS = Counter(
+    "blueprint_history_repeats",
+    "Publishes not made again: the room's history held their id (a resend after a lost socket, a late retry)",
+    ["replica"],
+)
 HISTORY_RESUMES = Counter(
     "blueprint_history_resumes",
     "Members that resumed from a position: recovered (got every message they missed) or not (told recovered: false)",

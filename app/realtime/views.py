@@ -126,6 +126,8 @@ def broadcast(request: HttpRequest, room: str):
     if position is not None:
         # Where the message is in the room's history: what members see as its offset.
         body.update(epoch=position.epoch, offset=position.offset)
+        if position.repeated:  # its id was published already: this is that message's position
+            body["repeated"] = True
     return JsonResponse(body, status=202)
 
 

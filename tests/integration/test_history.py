@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import time
+import urllib.request
 
 import pytest
 import websockets
@@ -76,6 +77,44 @@ def test_a_member_that_reconnects_gets_what_it_missed_once_in_order_then_live(re
         frames = asyncio.run(scenario(daphne))
     assert [(f["message"], f["offset"]) for f in frames] == [("c", 3), ("d", 4), ("e", 5), ("f", 6)]
     assert len({f["epoch"] for f in frames}) == 1
+
+
+def test_a_message_sent_again_with_its_id_is_published_once(redis_server):
+    """A client that lost its socket cannot tell whether its last message was
+    published, so it sends it again with the same id (the chat page and
+    RoomMember do): the room's history knows the id, and members get it once.
+    The chaos suite found this: a publish delayed by a 5 s cut from Redis
+    reached Redis after its publisher had resumed elsewhere and sent it again."""
+
+    async def scenario(daphne):
+        member, _ = await join(daphne, "idempotent")
+        publisher, _ = await join(daphne, "idempotent")
+        for text, message_id in (("first", "m-1"), ("first again", "m-1"), ("second", "m-2"), ("no id", None)):
+            await publisher.send(json.dumps({"message": text, **({"id": message_id} if message_id else {})}))
+        seen = await chats(member, 3)
+        assert await nothing_more(member)
+        return seen
+
+    def broadcast(daphne: Daphne, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"http://{daphne.base}/api/rooms/idempotent/messages",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": "Bearer history-token", "Content-Type": "application/json"},
+        )
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    with Daphne(redis_server.url, BROADCAST_TOKEN="history-token", **FANOUT) as daphne:
+        frames = asyncio.run(scenario(daphne))
+        # The HTTP API answers a repeat with the first one's position.
+        first = broadcast(daphne, {"message": "over http", "id": "h-1"})
+        again = broadcast(daphne, {"message": "over http", "id": "h-1"})
+    assert [(f["message"], f.get("id"), f["offset"]) for f in frames] == [
+        ("first", "m-1", 1),
+        ("second", "m-2", 2),
+        ("no id", None, 3),
+    ]
+    assert (again["offset"], again.get("repeated")) == (first["offset"], True) and "repeated" not in first
 
 
 def test_a_gap_longer_than_the_history_is_told_recovered_false(redis_server):
