@@ -246,12 +246,17 @@ def sentinel_failover(promotion_timeout: float = 60) -> Fault:
             await asyncio.sleep(0.5)
         window.outage_seconds = time.time() - window.start
         window.checks["a replica was promoted"] = bool(promoted and promoted != old)
-        # Each election the Sentinels held starts a new epoch: more than one
-        # means split votes, each retried after twice the failover timeout.
-        log = (await asyncio.to_thread(run, ["docker", "logs", chaos.stack.one("sentinel-1")], 30)).stdout
-        elections = log.count("+new-epoch")
+        # What the Sentinels say of it: each election starts a new epoch (more
+        # than one means split votes, retried after twice the failover
+        # timeout); a Sentinel in TILT mode (its timer ran late) acts on
+        # nothing for 30 s; an abort means no replica was fit to promote.
+        said = Counter()
+        for sentinel in ("sentinel-1", "sentinel-2", "sentinel-3"):
+            log = (await asyncio.to_thread(run, ["docker", "logs", chaos.stack.one(sentinel)], 30)).stdout
+            said.update({event: log.count(event) for event in ("+new-epoch", "+tilt", "-failover-abort")})
         window.notes.append(
-            f"promoted after {window.outage_seconds:.1f} s ({elections} election{'s' * (elections != 1)})"
+            f"promoted after {window.outage_seconds:.1f} s; the Sentinels logged {said['+new-epoch']} new epochs, "
+            f"{said['+tilt']} TILT entries, {said['-failover-abort']} aborts"
         )
         await chaos.docker("start", old)  # back as a replica of the new master
         window.end = time.time()
