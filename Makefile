@@ -12,10 +12,11 @@ BIN := $(VENV)/bin
 # Servers the local stack and the tests run as real processes, and the browser
 # the browser tests drive (Debian's chromium: playwright never downloads one),
 # mmdebstrap, which builds the container tests' base images with no registry,
-# shellcheck, which `make lint` runs on the shell scripts, and Prometheus
-# (for promtool), which `make k8s-check` runs on the alerts.
+# shellcheck, which `make lint` runs on the shell scripts, Prometheus (for
+# promtool), which `make k8s-check` runs on the alerts, and iptables, with
+# which the chaos suite cuts a replica from Redis inside its network namespace.
 PROMTOOL_PACKAGE := prometheus
-SYSTEM_PACKAGES := redis-server nginx-light chromium mmdebstrap shellcheck $(PROMTOOL_PACKAGE)
+SYSTEM_PACKAGES := redis-server nginx-light chromium mmdebstrap shellcheck $(PROMTOOL_PACKAGE) iptables
 export PYTHONPATH := $(CURDIR)/app:$(CURDIR)
 
 .PHONY: help
