@@ -34,7 +34,7 @@ $(BIN)/.installed: requirements/app.lock requirements/loadtest.lock requirements
 venv: $(BIN)/.installed ## create .venv from the lock files
 
 .PHONY: system-packages
-system-packages: ## install redis-server and nginx with apt (as root), or name what is missing
+system-packages: ## install the Debian packages of the stack and the tests with apt (as root), or name what is missing
 	@deploy/system-packages.sh $(SYSTEM_PACKAGES)
 
 .PHONY: lock
@@ -183,7 +183,7 @@ up: images $(ENV_FILE) ## build and start redis, REPLICAS daphne (3), gunicorn, 
 	@$(if $(LOADTEST_PROFILE),echo "locust: http://$$($(COMPOSE) $(LOADTEST_PROFILE) port locust-master 8089)/ with $(LOCUST_WORKERS) workers")
 
 .PHONY: scale
-scale: ## change the number of daphne replicas (N=5) without touching open sockets, then reload nginx
+scale: ## change the number of daphne replicas (N=5), then reload nginx (its old workers keep their sockets up to 40 s)
 	@[ -n "$(N)" ] || { echo "usage: make scale N=5" >&2; exit 2; }
 	@$(WITH_BASE_IMAGES) $(COMPOSE) up --detach --no-deps --no-recreate --scale daphne=$(N) daphne
 	@$(PYTHON) -m deploy.compose_health --timeout $(HEALTHY_TIMEOUT) $$($(COMPOSE) ps -q daphne)
