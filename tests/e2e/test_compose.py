@@ -173,11 +173,15 @@ async def test_redis_restart_fan_out_works_again_within_10_s(stack):
             f"members opened before the restart not reached within {REDIS_RECOVERY_SECONDS} s"
         )
         assert all(m.received(message.id) == 1 for m in members), "a member got the message twice"
+        before = members[0].welcomes[0].epoch  # the history the restart lost
         for member in members:
             for reconnect in member.reconnects:
-                # Sent to resume because the replica lost Redis or the epoch changed, and told.
+                # Sent to resume because the replica lost Redis or the epoch changed, and
+                # told when it resumed from the lost history (a replica that noticed the
+                # restart late may move a member again, within the new history).
                 assert reconnect.lost.code in (1012, 4000), reconnect
-                assert reconnect.welcome.recovered is False, reconnect
+                if reconnect.welcome.resumed_from.epoch == before:
+                    assert reconnect.welcome.recovered is False, reconnect
     finally:
         await asyncio.gather(*(member.stop() for member in members), return_exceptions=True)
 

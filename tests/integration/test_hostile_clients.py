@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import threading
 import time
 import urllib.error
@@ -190,7 +191,7 @@ async def next_reply(ws, timeout: float = 5.0) -> dict:
     """The next frame that is not someone's chat message (a room may be shared)."""
     while True:
         frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        if frame.get("type") != "chat.message" or frame.get("id") == "usable":
+        if frame.get("type") != "chat.message" or str(frame.get("id")).startswith("usable-"):
             return frame
 
 
@@ -205,14 +206,16 @@ def error_code(endpoint: str, frame: dict) -> str | None:
 async def assert_still_usable(ws, endpoint: str) -> None:
     """The socket answers a valid frame after the error."""
     path, field = ENDPOINTS[endpoint]
-    await ws.send(json.dumps({field: "still here", "id": "usable"}))
+    # A new id each time: the room's history publishes an id it holds only once.
+    usable = f"usable-{secrets.token_hex(4)}"
+    await ws.send(json.dumps({field: "still here", "id": usable}))
     frame = await next_reply(ws)
     if endpoint == "echo":
         assert frame == {"message": "still here", "served_by": frame.get("served_by")} and frame["served_by"], frame
     elif endpoint == "api":
         assert frame == {"status": "OK", "data": "still here"}, frame
     else:
-        assert frame["type"] == "chat.message" and frame["id"] == "usable" and frame["message"] == "still here", frame
+        assert frame["type"] == "chat.message" and frame["id"] == usable and frame["message"] == "still here", frame
 
 
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
