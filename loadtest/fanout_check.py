@@ -63,7 +63,8 @@ CONNECT_CONCURRENCY = 50
 SETTLE_SECONDS = 0.5
 # Problems listed in the rendered report; the rest are counted.
 SHOWN_PROBLEMS = 20
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# No proxy from the environment may sit between a check and the stack it checks.
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CheckError(Exception):
@@ -160,20 +161,24 @@ async def join(base_url: str, room: str, *, deadline: float, reconnect: bool = T
         await asyncio.sleep(delay)
 
 
-async def publish_http(base_url: str, room: str, token: str, text: str) -> Message:
-    """Publish through ``POST /api/rooms/<room>/messages``; the origin is the pod that answered."""
-    message_id, sent_at = uuid.uuid4().hex, now_ms()
-    body = json.dumps({"message": text, "id": message_id, "sent_at": sent_at}).encode()
-    request = urllib.request.Request(
+def broadcast_request(base_url: str, room: str, token: str, body: dict) -> urllib.request.Request:
+    """``POST /api/rooms/<room>/messages`` with ``body``, authorised by the broadcast token."""
+    return urllib.request.Request(
         f"{base_url.rstrip('/')}/api/rooms/{room}/messages",
-        data=body,
+        data=json.dumps(body).encode(),
         method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
 
+
+async def publish_http(base_url: str, room: str, token: str, text: str) -> Message:
+    """Publish through ``POST /api/rooms/<room>/messages``; the origin is the pod that answered."""
+    message_id, sent_at = uuid.uuid4().hex, now_ms()
+    request = broadcast_request(base_url, room, token, {"message": text, "id": message_id, "sent_at": sent_at})
+
     def post() -> str:
         try:
-            with _HTTP.open(request, timeout=10) as response:
+            with HTTP.open(request, timeout=10) as response:
                 body = response.read()
         except urllib.error.HTTPError as error:
             raise CheckError(f"HTTP publish to {room} answered {error.code}: {error.read()[:300]!r}") from None

@@ -25,9 +25,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest.chaos.observer import _HTTP, DAPHNE_PORT, Observer
+from loadtest.chaos.observer import DAPHNE_PORT, Observer
 from loadtest.chaos.workload import Workload
 from loadtest.compose_stack import ComposeStack, run
+from loadtest.fanout_check import HTTP
 
 SENTINEL_MASTER = "blueprint"  # the name docker-compose.sentinel.yml monitors
 REDIS_SERVICES = ("redis", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3")
@@ -309,7 +310,7 @@ def slow_consumer_closes(chaos: Chaos) -> int:
 
 
 def scrape(address: str) -> str:
-    with _HTTP.open(f"http://{address}:{DAPHNE_PORT}/metrics", timeout=5) as response:
+    with HTTP.open(f"http://{address}:{DAPHNE_PORT}/metrics", timeout=5) as response:
         return response.read().decode()
 
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 
 from loadtest.compose_stack import ComposeStack, docker_inspect, replica_name
+from loadtest.fanout_check import HTTP
 
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SAMPLE_SECONDS = 1.0
 DAPHNE_PORT = 8000
 
@@ -43,9 +41,9 @@ def rss_bytes(pid: int) -> int:
 
 def ready(address: str) -> bool:
     try:
-        with _HTTP.open(f"http://{address}:{DAPHNE_PORT}/readyz", timeout=1) as response:
+        with HTTP.open(f"http://{address}:{DAPHNE_PORT}/readyz", timeout=1) as response:
             return response.status == 200
-    except (OSError, urllib.error.URLError):
+    except OSError:  # URLError is one
         return False
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
+from loadtest.fanout_check import HTTP, broadcast_request
 from loadtest.room_member import JoinError, Position, RoomMember, now_ms
 
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # A publish not acknowledged by then is recorded as unknown; the publisher moves on.
 PUBLISH_TIMEOUT_SECONDS = 10.0
 
@@ -35,10 +33,8 @@ class Publish:
     room: str
     via: str  # "socket" or "http"
     sent_at: float  # time.time()
-    size: int
-    acked_at: float | None = None
+    acked_at: float | None = None  # None: refused, timed out, or not confirmed
     position: Position | None = None
-    outcome: str = "pending"  # "acked", or why not: "http 503", "timeout", "not confirmed"
 
     @property
     def acked(self) -> bool:
@@ -114,13 +110,11 @@ class Workload:
             except JoinError:
                 await asyncio.sleep(0.2)  # not connected: nothing was sent
                 continue
-            publish = Publish(sent.id, room, "socket", sent.sent_at / 1000, len(text))
+            publish = Publish(sent.id, room, "socket", sent.sent_at / 1000)
             if sent.confirmed:
                 chat = next((c for c in reversed(publisher.chats) if c.id == sent.id), None)
-                publish.acked_at, publish.outcome = time.time(), "acked"
+                publish.acked_at = time.time()
                 publish.position = chat.position if chat else None
-            else:
-                publish.outcome = "not confirmed"
             self.publishes.append(publish)
             await asyncio.sleep(max(0.0, 1 / self.socket_rate - (loop.time() - started)))
 
@@ -147,25 +141,18 @@ class Workload:
             await asyncio.sleep(max(0.0, 1 / rate - (loop.time() - started)))
 
     def _post(self, room: str, text: str) -> Publish:
-        publish = Publish(uuid.uuid4().hex, room, "http", time.time(), len(text))
-        body = json.dumps({"message": text, "id": publish.id, "sent_at": now_ms()}).encode()
-        request = urllib.request.Request(
-            f"{self.base_url}/api/rooms/{room}/messages",
-            data=body,
-            method="POST",
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        publish = Publish(uuid.uuid4().hex, room, "http", time.time())
+        request = broadcast_request(
+            self.base_url, room, self.token, {"message": text, "id": publish.id, "sent_at": now_ms()}
         )
         try:
-            with _HTTP.open(request, timeout=PUBLISH_TIMEOUT_SECONDS) as response:
+            with HTTP.open(request, timeout=PUBLISH_TIMEOUT_SECONDS) as response:
                 answer = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            publish.outcome = f"http {error.code}"
+        except (OSError, ValueError):
+            # Refused (an HTTPError is an OSError), or timed out or cut: it may
+            # or may not have been published, so it is not owed to anyone.
             return publish
-        except (OSError, ValueError) as error:
-            # Timed out or cut: it may or may not have been published.
-            publish.outcome = f"unknown: {type(error).__name__}"
-            return publish
-        publish.acked_at, publish.outcome = time.time(), "acked"
+        publish.acked_at = time.time()
         if isinstance(answer.get("epoch"), str) and isinstance(answer.get("offset"), int):
             publish.position = Position(answer["epoch"], answer["offset"])
         return publish

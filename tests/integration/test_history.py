@@ -9,11 +9,11 @@ import asyncio
 import json
 import signal
 import time
-import urllib.request
 
 import pytest
 import websockets
 
+from loadtest.fanout_check import HTTP, broadcast_request
 from tests.integration.test_replica_writes import small_buffer_socket
 from tests.processes import Daphne, status_of, wait_for
 from tests.tcp_proxy import Proxy
@@ -96,12 +96,8 @@ def test_a_message_sent_again_with_its_id_is_published_once(redis_server):
         return seen
 
     def broadcast(daphne: Daphne, body: dict) -> dict:
-        request = urllib.request.Request(
-            f"http://{daphne.base}/api/rooms/idempotent/messages",
-            data=json.dumps(body).encode(),
-            headers={"Authorization": "Bearer history-token", "Content-Type": "application/json"},
-        )
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
+        request = broadcast_request(daphne.origin, "idempotent", "history-token", body)
+        with HTTP.open(request, timeout=10) as response:
             return json.loads(response.read())
 
     with Daphne(redis_server.url, BROADCAST_TOKEN="history-token", **FANOUT) as daphne:

@@ -14,16 +14,7 @@ GIB = 2**30
 
 
 def publish(offset: int, at: float, epoch: str = "e1") -> Publish:
-    return Publish(
-        f"m{epoch}{offset}",
-        "room",
-        "http",
-        at,
-        10,
-        acked_at=at + 0.01,
-        position=Position(epoch, offset),
-        outcome="acked",
-    )
+    return Publish(f"m{epoch}{offset}", "room", "http", at, acked_at=at + 0.01, position=Position(epoch, offset))
 
 
 def member(deliveries: list[tuple[Publish, float]], welcomes: list[Welcome] | None = None) -> RoomMember:
