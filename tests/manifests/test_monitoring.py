@@ -26,7 +26,7 @@ pytestmark = pytest.mark.manifests
 
 HERE = Path(__file__).parent / "monitoring"
 METRICS = ROOT / "app" / "realtime" / "metrics.py"
-DASHBOARD = ROOT / "deploy" / "grafana" / "blueprint-dashboard.json"
+DASHBOARD = ROOT / "k8s" / "components" / "monitoring" / "blueprint-dashboard.json"
 # Series a name may carry beyond the metric's own (counters, histograms).
 SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
 # Names the app does not define that Prometheus or prometheus_client provide:

@@ -8,7 +8,7 @@ from django.test import Client
 
 from tests.ws import join
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "blueprint-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "components" / "monitoring" / "blueprint-dashboard.json"
 
 
 async def test_every_dashboard_metric_is_exported():
