@@ -26,4 +26,3 @@ def test_the_dashboard_config_map_holds_the_file_and_the_sidecars_label():
     assert list(config_map["data"]) == [DASHBOARD.name]
     assert config_map["data"][DASHBOARD.name] == DASHBOARD.read_text()
     assert json.loads(config_map["data"][DASHBOARD.name])["panels"]
-
