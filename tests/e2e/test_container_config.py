@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.render_nginx import values_for
+from deploy.render_nginx import image_defaults
 from loadtest.compose_stack import APP_IMAGE, COMPOSE_FILE, NGINX_APP_IMAGE, REPO, compose_variables
+from tests.manifests.sources import nginx_inputs
 
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILES = [REPO / "Dockerfile", REPO / "nginx" / "Dockerfile"]
@@ -77,12 +78,15 @@ def test_image_defaults_are_pinned_and_agree(variable, pinned_in):
     assert {"APP_IMAGE": APP_IMAGE, "NGINX_APP_IMAGE": NGINX_APP_IMAGE}.get(variable, default) == default
 
 
-def test_compose_upstreams_are_what_the_renderer_writes():
+def test_compose_nginx_resolves_the_scaled_service_while_running():
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     nginx = services["nginx"]["environment"]
-    rendered = values_for(port=8080, runtime_dir="/tmp/nginx", daphne=["daphne:8000"], gunicorn=["gunicorn:8001"])
-    assert nginx["DAPHNE_SERVERS"] == rendered["DAPHNE_SERVERS"]
-    assert nginx["GUNICORN_SERVERS"] == rendered["GUNICORN_SERVERS"]
+    assert set(nginx) <= nginx_inputs()
+    # The scaled service by name, re-resolved (no reload after a scale); the
+    # resolver is the image's default, auto: Docker's DNS from /etc/resolv.conf.
+    assert nginx["DAPHNE_DNS_NAME"] == f"daphne:{services['daphne']['expose'][0]}"
+    assert nginx["GUNICORN_ADDRESSES"] == f"gunicorn:{services['gunicorn']['expose'][0]}"
+    assert "NGINX_RESOLVER" not in nginx and image_defaults()["NGINX_RESOLVER"] == "auto"
     nginx_dockerfile = (REPO / "nginx" / "Dockerfile").read_text()
     assert "NGINX_LISTEN_PORT=8080" in nginx_dockerfile
     assert services["nginx"]["ports"] == ["${NGINX_BIND:-127.0.0.1}:${NGINX_PORT:-8080}:8080"]

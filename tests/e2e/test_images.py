@@ -90,9 +90,12 @@ def test_app_image_roles_are_chosen_by_command(offline_images):
     assert "no issues" in check.stdout
 
 
-@pytest.mark.parametrize("unset", ["DAPHNE_SERVERS", "GUNICORN_SERVERS"])
-def test_nginx_refuses_to_start_with_an_unset_template_variable(offline_images, unset):
-    values = {"DAPHNE_SERVERS": "server 127.0.0.1:8000;", "GUNICORN_SERVERS": "server 127.0.0.1:8001;"}
+@pytest.mark.parametrize(
+    "unset, complaint",
+    [("DAPHNE_DNS_NAME", "set DAPHNE_DNS_NAME"), ("GUNICORN_ADDRESSES", "unset variables: GUNICORN")],
+)
+def test_nginx_refuses_to_start_without_its_pools(offline_images, unset, complaint):
+    values = {"DAPHNE_DNS_NAME": "daphne:8000", "GUNICORN_ADDRESSES": "127.0.0.1:8001"}
     del values[unset]
     env = [arg for name, value in values.items() for arg in ("-e", f"{name}={value}")]
     result = subprocess.run(
@@ -103,4 +106,4 @@ def test_nginx_refuses_to_start_with_an_unset_template_variable(offline_images, 
         check=False,
     )
     assert result.returncode != 0
-    assert f"unset template variables: {unset}" in result.stderr
+    assert complaint in result.stderr

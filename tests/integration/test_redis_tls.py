@@ -8,6 +8,7 @@ import pytest
 import websockets
 
 from deploy.ports import free_port
+from tests.certificates import self_signed
 from tests.processes import Daphne, status_of
 
 pytestmark = pytest.mark.redis
@@ -15,12 +16,7 @@ pytestmark = pytest.mark.redis
 
 @pytest.fixture
 def tls_redis(tmp_path):
-    cert, key = tmp_path / "redis.crt", tmp_path / "redis.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path, "redis")
     port = free_port()
     server = subprocess.Popen(
         ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -50,12 +46,7 @@ def test_a_replica_serves_chat_over_tls_redis(tls_redis):
 
 
 def test_a_wrong_certificate_authority_keeps_the_replica_up_but_unready(tls_redis, tmp_path):
-    other_ca = tmp_path / "other.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other",
-         "-keyout", str(tmp_path / "other.key"), "-out", str(other_ca)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    other_ca, _ = self_signed(tmp_path, "other", common_name="other")
     untrusting = tls_redis.split("?")[0] + f"?ssl_ca_certs={other_ca}"
     with Daphne(untrusting, wait_path="/healthz") as daphne:
         response = status_of(f"http://{daphne.base}/readyz")

@@ -54,8 +54,11 @@ def env_value(workload: dict, docs, name: str) -> str | None:
     raise KeyError(f"{workload['metadata']['name']} has no variable {name}")
 
 
-def container_port(workload: dict) -> int:
+def container_port(workload: dict, name: str | None = None) -> int:
+    """The container's port by name, or its only one."""
     ports = container(workload)["ports"]
+    if name is not None:
+        return next(port["containerPort"] for port in ports if port["name"] == name)
     assert len(ports) == 1, f"{workload['metadata']['name']}: expected one container port"
     return ports[0]["containerPort"]
 

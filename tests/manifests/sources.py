@@ -50,8 +50,10 @@ def app_drain_timeout_default() -> float:
     return float(default.group(1))
 
 
-def nginx_placeholders() -> set[str]:
-    return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", NGINX_TEMPLATE.read_text()))
+def nginx_inputs() -> set[str]:
+    """The variables nginx's image renders its config from: the template's header lists them."""
+    header = NGINX_TEMPLATE.read_text().split("\n\n", 1)[0]
+    return set(re.findall(r"^#\s{3}([A-Z][A-Z0-9_]+)\s", header, re.M))
 
 
 def nginx_exact_locations() -> set[str]:

@@ -14,13 +14,16 @@ import inspect
 import json
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient, Client
 
-from deploy.stack import LocalStack
+from deploy import render_nginx
+from deploy.stack import LocalStack, nginx_binary
+from tests.certificates import self_signed
 from tests.manifests import sources
 from tests.manifests.documents import (
     container,
@@ -219,16 +222,54 @@ def test_daphne_drain_fits_in_its_grace_period(name):
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_nginx_fills_every_template_placeholder_with_the_services(name):
+def test_nginx_reaches_every_daphne_pod_by_the_headless_service(name):
     docs = render(name)
     nginx = find(docs, "Deployment", "nginx")
-    assert set(env_names(nginx, docs)) == sources.nginx_placeholders()
-    assert int(env_value(nginx, docs, "NGINX_LISTEN_PORT")) == container_port(nginx)
-    assert [p["port"] for p in find(docs, "Service", "nginx")["spec"]["ports"]] == [container_port(nginx)]
-    for variable, role in (("DAPHNE_SERVERS", "daphne"), ("GUNICORN_SERVERS", "gunicorn")):
-        servers = re.findall(r"server\s+([\w.-]+):(\d+)", env_value(nginx, docs, variable))
-        service = find(docs, "Service", role)
-        assert servers == [(role, str(service["spec"]["ports"][0]["port"]))], f"{variable}: {servers}"
+    assert set(env_names(nginx, docs)) - {"POD_NAMESPACE"} <= sources.nginx_inputs()
+    assert int(env_value(nginx, docs, "NGINX_LISTEN_PORT")) == container_port(nginx, "http")
+    assert [p["targetPort"] for p in find(docs, "Service", "nginx")["spec"]["ports"]][0] == "http"
+    # Per pod: DNS answers with every ready pod, nginx connects to the pods' own port.
+    daphne_service = find(docs, "Service", "daphne")["spec"]
+    daphne_port = container_port(find(docs, "Deployment", "daphne"), "http")
+    assert daphne_service["clusterIP"] == "None"
+    assert daphne_service["ports"][0]["port"] == daphne_port
+    assert env_value(nginx, docs, "DAPHNE_DNS_NAME") == f"daphne.$(POD_NAMESPACE).svc.cluster.local:{daphne_port}"
+    env = container(nginx)["env"]
+    namespace = next(i for i, entry in enumerate(env) if entry["name"] == "POD_NAMESPACE")
+    assert env[namespace]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # Kubernetes expands $(POD_NAMESPACE) only from entries defined before.
+    assert namespace < next(i for i, entry in enumerate(env) if entry["name"] == "DAPHNE_DNS_NAME")
+    gunicorn_port = find(docs, "Service", "gunicorn")["spec"]["ports"][0]["port"]
+    assert env_value(nginx, docs, "GUNICORN_ADDRESSES") == f"gunicorn:{gunicorn_port}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_nginx_renders_a_config_nginx_accepts_from_each_overlays_environment(name, tmp_path):
+    docs = render(name)
+    nginx = find(docs, "Deployment", "nginx")
+    namespace = nginx["metadata"]["namespace"]
+    values = {
+        entry["name"]: entry["value"].replace("$(POD_NAMESPACE)", namespace)
+        for entry in container(nginx)["env"]
+        if "value" in entry
+    }
+    # The cluster's names resolve only there: gunicorn's is resolved at load.
+    values["GUNICORN_ADDRESSES"] = "localhost:8001"
+    values["NGINX_RUNTIME_DIR"] = str(tmp_path)
+    for secret_file in ("NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY"):
+        if values.get(secret_file):
+            values[secret_file] = str(self_signed(tmp_path)[secret_file == "NGINX_TLS_CERTIFICATE_KEY"])
+    config = tmp_path / "nginx.conf"
+    config.write_text(render_nginx.render(values))
+    result = subprocess.run(
+        [nginx_binary(), "-t", "-e", "stderr", "-p", str(tmp_path), "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"daphne.{namespace}.svc.cluster.local:8000" in config.read_text()
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -365,7 +406,7 @@ def test_readme_ports_are_the_container_ports():
     expected = {
         "daphne": app_port("daphne"),
         "gunicorn": app_port("gunicorn"),
-        "nginx": container_port(find(docs, "Deployment", "nginx")),
+        "nginx": container_port(find(docs, "Deployment", "nginx"), "http"),
         "redis": container_port(find(docs, "StatefulSet", "redis")),
     }
     assert sources.readme_ports(sources.readme()) == expected

@@ -44,36 +44,29 @@ def test_the_local_stack_rendering_passes_nginx_t(tmp_path):
     nginx_t(text, tmp_path)
 
 
-def test_a_compose_like_rendering_with_names_and_a_resolver_passes_nginx_t(tmp_path):
-    # Compose names its upstreams daphne:8000 and gunicorn:8001, which only
-    # Docker's DNS resolves, and nginx resolves upstream names while loading
-    # its config, `nginx -t` included (`resolver` serves only runtime lookups).
-    # `localhost` stands in: a name, not an address, resolvable anywhere; the
-    # real names are exercised by the compose tests.
+def test_a_compose_like_rendering_resolves_the_pool_while_running_and_passes_nginx_t(tmp_path):
+    # Compose and Kubernetes name the pool (daphne:8000, the headless
+    # Service), which only their DNS resolves: nginx must not resolve it at
+    # load (`nginx -t` here would fail on it), only per handshake, through the
+    # resolver. gunicorn's name is resolved at load: `localhost` stands in.
     output = tmp_path / "nginx.conf"
-    assert (
-        render_nginx.main(
-            [
-                "--port",
-                "8080",
-                "--runtime-dir",
-                str(tmp_path),
-                "--daphne",
-                "localhost:8000",
-                "--gunicorn",
-                "localhost:8001",
-                "--resolver",
-                "127.0.0.11",
-                "-o",
-                str(output),
-            ]
-        )
-        == 0
+    argv = ["--port", "8080", "--runtime-dir", str(tmp_path), "--gunicorn", "localhost:8001", "-o", str(output)]
+    assert render_nginx.main([*argv, "--daphne-dns-name", "daphne.invalid:8000", "--resolver", "127.0.0.11 ::1"]) == 0
+    config = directives(output.read_text())
+    assert "resolver 127.0.0.11 [::1] valid=5s;" in config
+    assert "upstream daphne" not in config
+    assert 'set $daphne_pool "daphne.invalid:8000";' in locations(config)["/ws/"]
+    assert "proxy_pass http://$daphne_pool;" in locations(config)["/ws/"]
+    nginx_t(output.read_text(), tmp_path)
+
+
+def test_the_resolver_can_come_from_resolv_conf(tmp_path):
+    text = render(
+        values_for(port=1, runtime_dir="/x", daphne_dns_name="daphne:8000", gunicorn=["b:2"], resolver="auto")
     )
-    text = output.read_text()
-    assert "resolver 127.0.0.11 valid=5s;" in text
-    assert "server localhost:8000 max_fails=0;" in text
-    nginx_t(text, tmp_path)
+    nameservers = re.findall(r"^nameserver\s+(\S+)", Path("/etc/resolv.conf").read_text(), re.M)
+    bracketed = [f"[{address}]" if ":" in address else address for address in nameservers]
+    assert f"resolver {' '.join(bracketed)} valid=5s;" in text
 
 
 def test_a_rendering_fills_every_placeholder_and_keeps_nginx_variables():
@@ -86,18 +79,30 @@ def test_a_rendering_fills_every_placeholder_and_keeps_nginx_variables():
 @pytest.mark.parametrize(
     "values, complaint",
     [
-        ({"NGINX_LISTEN_PORT": "8080"}, "missing"),
-        ({**values_for(port=1, runtime_dir="/x", daphne=["a:1"], gunicorn=["b:2"]), "EXTRA": "1"}, "unknown ['EXTRA']"),
+        ({"GUNICORN_ADDRESSES": "b:2"}, "set DAPHNE_DNS_NAME"),
+        ({"DAPHNE_ADDRESSES": "a:1", "DAPHNE_DNS_NAME": "d:1", "GUNICORN_ADDRESSES": "b:2"}, "both set"),
+        ({"DAPHNE_DNS_NAME": "daphne", "GUNICORN_ADDRESSES": "b:2"}, "needs a port"),
+        ({"DAPHNE_DNS_NAME": "d:1", "GUNICORN_ADDRESSES": "b:2", "NGINX_RESOLVER": ""}, "needs NGINX_RESOLVER"),
+        ({"DAPHNE_ADDRESSES": "a:1", "GUNICORN_ADDRESSES": ""}, "GUNICORN_ADDRESSES is empty"),
+        ({"DAPHNE_ADDRESSES": "a:1", "GUNICORN_ADDRESSES": "b:2", "NGINX_TLS_CERTIFICATE": "/c"}, "go together"),
+        ({"DAPHNE_ADDRESSES": "a:1", "GUNICORN_ADDRESSES": "b:2", "NGINX_REAL_IP_HEADER": "X-Client"}, "use X-Fo"),
+        (
+            {"DAPHNE_ADDRESSES": "a:1", "GUNICORN_ADDRESSES": "b:2", "NGINX_REAL_IP_HEADER": "proxy_protocol"},
+            "applies to the TLS listener",
+        ),
     ],
 )
-def test_a_half_filled_rendering_is_refused(values, complaint):
+def test_a_missing_or_contradictory_input_is_refused_with_its_name(values, complaint):
     with pytest.raises(ValueError, match=re.escape(complaint)):
         render(values)
 
 
-def test_an_empty_upstream_is_refused():
-    with pytest.raises(ValueError, match="at least one server"):
-        values_for(port=1, runtime_dir="/x", daphne=[], gunicorn=["b:2"])
+def test_an_unset_input_is_refused_with_its_name(tmp_path):
+    script = f"unset NGINX_RUNTIME_DIR; exec sh {render_nginx.ENTRYPOINT} render"
+    environment = {**render_nginx.image_defaults(), "DAPHNE_ADDRESSES": "a:1", "GUNICORN_ADDRESSES": "b:2"}
+    result = subprocess.run(["sh", "-c", script], env=environment, capture_output=True, text=True, check=False)
+    assert result.returncode != 0
+    assert "unset variables: NGINX_RUNTIME_DIR" in result.stderr
 
 
 def locations(config: str) -> dict[str, str]:
@@ -105,8 +110,12 @@ def locations(config: str) -> dict[str, str]:
     return {match.group(1).strip(): match.group(2) for match in re.finditer(r"location ([^{]+)\{([^}]*)\}", config)}
 
 
+def rendered() -> str:
+    return directives(render(values_for(port=1, runtime_dir="/x", daphne=["a:1"], gunicorn=["b:2"])))
+
+
 def test_websocket_location_outlives_daphnes_ping():
-    config = directives(TEMPLATE.read_text())
+    config = rendered()
     read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", locations(config)["/ws/"]).group(1))
     assert read_timeout > command_line.PING_INTERVAL_SECONDS, "an idle socket would be cut between two pings"
 
@@ -119,8 +128,8 @@ EDGE_HEADERS = {
     "Connection": "$upstream_connection",
     "X-Forwarded-For": "$remote_addr",
     "X-Real-IP": "$remote_addr",
-    "Forwarded": '"for=$forwarded_for;proto=$scheme"',
-    "X-Forwarded-Proto": "$scheme",
+    "Forwarded": '"for=$forwarded_for;proto=$client_scheme"',
+    "X-Forwarded-Proto": "$client_scheme",
     "X-Forwarded-Protocol": '""',
     "X-Forwarded-Ssl": '""',
     "X-Forwarded-Host": "$host",
@@ -133,7 +142,7 @@ EDGE_HEADERS = {
 
 
 def test_every_proxied_location_gets_every_edge_header_and_none_can_be_spoofed():
-    config = directives(TEMPLATE.read_text())
+    config = rendered()
     server = config[config.index("server {") :]
     # A proxy_set_header in a location would replace all the server's ones there.
     for match, block in locations(config).items():
@@ -148,12 +157,18 @@ def test_every_proxied_location_gets_every_edge_header_and_none_can_be_spoofed()
     assert "server_tokens off;" in config
 
 
-def test_only_the_daphne_pool_is_sent_upgrades():
+@pytest.mark.parametrize(
+    "pool", [{"daphne": ["a:1", "b:2"]}, {"daphne_dns_name": "daphne.ns.svc.cluster.local:8000", "resolver": "auto"}]
+)
+def test_only_the_daphne_pool_is_sent_upgrades(pool):
     """gunicorn's pool keeps connections alive, and an upgrade it accepted would tunnel past nginx."""
-    config = directives(TEMPLATE.read_text())
+    config = directives(render(values_for(port=1, runtime_dir="/x", gunicorn=["g:3"], **pool)))
+    # $proxy_host is what /ws/ passes to: the upstream's name, or the DNS name with its port.
+    sent_to = re.search(r'set \$daphne_pool "([^"]+)";', locations(config)["/ws/"]).group(1)
+    assert sent_to == ("daphne" if "daphne" in pool else pool["daphne_dns_name"])
     for variable, for_daphne in (("upstream_upgrade", "$http_upgrade"), ("upstream_connection", "$connection_upgrade")):
         block = re.search(r"map \$proxy_host \$%s \{([^}]*)\}" % variable, config).group(1)
-        assert dict(re.findall(r"(\S+)\s+(.+);", block)) == {"daphne": for_daphne, "default": '""'}
+        assert dict(re.findall(r"(\S+)\s+(.+);", block)) == {f'"{sent_to}"': for_daphne, "default": '""'}
     # A WebSocket upgrade only: no h2c or other protocol reaches Daphne as an upgrade.
     assert re.search(
         r"map \$http_upgrade \$connection_upgrade \{\s+~\*\^websocket\$ upgrade;\s+default\s+close;", config
@@ -169,7 +184,7 @@ def test_there_is_one_nginx_config():
         for name in files:
             path = Path(folder, name)
             if path != TEMPLATE and path.suffix in {".conf", ".template", ".tmpl", ".yaml", ".yml", ""}:
-                if "proxy_pass http://daphne" in path.read_text(errors="ignore"):
+                if "proxy_pass http://$daphne_pool" in path.read_text(errors="ignore"):
                     copies.append(str(path.relative_to(REPO)))
     assert copies == [], f"nginx config copied outside {TEMPLATE.relative_to(REPO)}: {copies}"
 
