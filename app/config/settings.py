@@ -133,6 +133,22 @@ READYZ_TIMEOUT_SECONDS = env_float("READYZ_TIMEOUT_SECONDS", 2.0, minimum=0.1)
 # /readyz answers from a result at most this old; one check at a time refreshes it.
 READYZ_CACHE_SECONDS = env_float("READYZ_CACHE_SECONDS", 1.0, minimum=0.1)
 
+# Rebalancing (realtime/rebalancing.py, realtime/peers.py). Every
+# REBALANCE_INTERVAL_SECONDS a Daphne replica reports its open sockets to Redis
+# and reads the others'. One holding more than REBALANCE_THRESHOLD x the
+# deployment's mean and more than REBALANCE_MIN_EXCESS sockets above it closes
+# at most REBALANCE_MAX_SHARE of its sockets with 1012 (they resume elsewhere),
+# never going below that band. REBALANCE=0 turns the shedding off; the counts
+# are still reported and drains still recorded. Empty means the default, as
+# compose passes every variable it knows, set or not.
+REBALANCE = env_bool("REBALANCE", True) if os.environ.get("REBALANCE", "").strip() else True
+REBALANCE_INTERVAL_SECONDS = env_float("REBALANCE_INTERVAL_SECONDS", 10.0, minimum=0.5)
+REBALANCE_THRESHOLD = env_float("REBALANCE_THRESHOLD", 1.2, minimum=1.0)
+REBALANCE_MIN_EXCESS = env_int("REBALANCE_MIN_EXCESS", 50, minimum=1)
+REBALANCE_MAX_SHARE = env_float("REBALANCE_MAX_SHARE", 0.02, minimum=0.001)
+if REBALANCE_MAX_SHARE > 0.5:
+    raise ConfigError(f"REBALANCE_MAX_SHARE={REBALANCE_MAX_SHARE:g} must be at most 0.5 (a share of the sockets)")
+
 
 def _with_connection_options(host) -> dict:
     """Connection behaviour for every Redis host of the layer.

@@ -38,7 +38,8 @@ FRAMES_REFUSED = Counter(
 CONNECTIONS_REFUSED = Counter(
     "blueprint_ws_connections_refused",
     "Sockets refused or closed by the server: over_capacity (1013), draining, bad_room, rate_limited (1008), "
-    "slow_consumer and shed (4000), server_error (1011)",
+    "slow_consumer and shed (4000), out_of_sequence (4000), redis_link (1012), rebalanced (1012: handed on to "
+    "a less loaded replica), server_error (1011)",
     ["replica", "reason"],
 )
 GROUP_SEND_SECONDS = Histogram(
@@ -104,6 +105,14 @@ REDIS_LINK_UP = Gauge(
     multiprocess_mode="min",
 )
 DRAINING = Gauge("blueprint_replica_draining", "1 while the replica drains", ["replica"], multiprocess_mode="max")
+# Read from Redis (realtime/peers.py): a drained process is never scraped
+# again, so the replicas that stay count every replica's drains.
+DEPLOYMENT_DRAINS = Counter(
+    "blueprint_deployment_drains",
+    "Drains of any Daphne replica of the deployment that ended since this replica started, by outcome: "
+    "completed (every socket closed in time) or timed_out (sockets still open at DRAIN_TIMEOUT_SECONDS)",
+    ["replica", "outcome"],
+)
 BROADCASTS = Counter("blueprint_http_broadcasts", "HTTP broadcast API calls, by status code", ["replica", "status"])
 # Read when scraped: free on the paths that change them.
 PENDING_BYTES.labels(REPLICA).set_function(lambda: state.pending_bytes)

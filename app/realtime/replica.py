@@ -28,7 +28,7 @@ class ReplicaState:
         from realtime import metrics
 
         if not self.draining:
-            logger.info("draining: refusing new sockets, closing open ones with 1001")
+            logger.info("draining: refusing new sockets, closing open ones with 1001 in batches over the drain window")
         self.draining = True
         metrics.DRAINING.labels(metrics.REPLICA).set(1)
 

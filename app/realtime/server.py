@@ -7,12 +7,18 @@ takes SIGTERM (and SIGINT) itself and drains instead:
 
 1. marks the replica draining: /readyz answers 503, new sockets are refused;
 2. stops listening, so nginx's next handshake fails over to another replica
-   at once (a refused connection is retried upstream; a 403 would not be);
-3. closes every open socket with 1001 (going away): clients reconnect, with
-   backoff, through nginx to the remaining replicas; each consumer's
-   disconnect discards its group memberships;
-4. exits once every consumer has run its disconnect, or after
-   DRAIN_TIMEOUT_SECONDS.
+   at once (a refused connection is retried upstream; a 403 would not be),
+   and withdraws its socket count from the deployment's (realtime.peers);
+3. closes its open sockets with 1001 (going away) in batches spread over the
+   drain window (realtime.rebalancing: at most max(20, N / 15 s) a second
+   with the default timeout), so the other replicas' handshake rate stays
+   bounded: clients reconnect, with backoff, through nginx to the remaining
+   replicas, and each consumer's disconnect discards its group memberships.
+   Sockets waiting for their batch are served as before;
+4. exits once every consumer has run its disconnect, or at
+   DRAIN_TIMEOUT_SECONDS from the signal, having added its outcome
+   (completed, timed_out) to the deployment's drain count in Redis, which the
+   replicas that stay export (blueprint_deployment_drains_total).
 
 A second signal stops at once. Kubernetes' terminationGracePeriodSeconds must
 exceed the preStop pause plus DRAIN_TIMEOUT_SECONDS.
@@ -37,7 +43,7 @@ from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from twisted.internet import reactor
 
-from realtime import close_codes, command_line, compat, ws_protocol
+from realtime import close_codes, command_line, compat, rebalancing, ws_protocol
 from realtime.replica import state
 from realtime.ws_protocol import DirectWriteProtocol, ServerCloseProtocol
 
@@ -97,6 +103,10 @@ class DrainingServer(Server):
         loop = asyncio.get_event_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        # Django is set up by now (the command line loaded the application).
+        from realtime import peers
+
+        self.deployment = peers.start()
 
     def _on_signal(self, signum):
         if state.draining:
@@ -109,22 +119,41 @@ class DrainingServer(Server):
         return [protocol for protocol in ws_protocol.open_protocols if protocol.state == ServerCloseProtocol.STATE_OPEN]
 
     async def drain(self):
+        loop = asyncio.get_event_loop()
+        started = loop.time()
+        timeout = drain_timeout()
+        deadline = started + timeout
+        window = rebalancing.drain_window(timeout)
         state.start_draining()
         for port in self.ports:
             port.stopListening()
-        sockets = self._open_sockets()
-        for protocol in sockets:
-            try:
-                protocol.serverClose(code=close_codes.GOING_AWAY)
-            except Exception as error:  # one broken socket must not stop the drain of the others
-                logger.warning("could not send 1001 to %s: %r", protocol, error)
+        deployment = getattr(self, "deployment", None)
+        withdrawn = asyncio.ensure_future(deployment.withdraw()) if deployment else None
+        closed = 0
+        while sockets := self._open_sockets():
+            batch = rebalancing.drain_batch(len(sockets), loop.time() - started, window)
+            for protocol in sockets[:batch]:
+                try:
+                    protocol.serverClose(code=close_codes.GOING_AWAY)
+                except Exception as error:  # one broken socket must not stop the drain of the others
+                    logger.warning("could not send 1001 to %s: %r", protocol, error)
+            closed += batch
+            if batch == len(sockets):
+                break
+            # The next tick on the schedule, not a tick after this one: a late tick is caught up.
+            ticks = (loop.time() - started) // rebalancing.DRAIN_TICK_SECONDS + 1
+            await asyncio.sleep(max(0.0, started + ticks * rebalancing.DRAIN_TICK_SECONDS - loop.time()))
         # Done when every consumer has run its disconnect (memberships
         # discarded). Daphne's own shutdown then cancels what is left of them.
-        loop = asyncio.get_event_loop()
-        deadline = loop.time() + drain_timeout()
         while state.open_sockets and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        logger.info("drained %d sockets; %d still open at exit", len(sockets), state.open_sockets)
+        still_open = state.open_sockets
+        logger.info("drained %d sockets; %d still open at exit", closed, still_open)
+        if deployment:
+            from realtime import peers
+
+            await withdrawn
+            await deployment.record_drain(peers.COMPLETED if still_open == 0 else peers.TIMED_OUT)
         self.stop()
 
 

@@ -98,6 +98,11 @@ class ServerCloseProtocol(WebSocketProtocol):
     def stopProducing(self):
         self._drop_backlog()
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in this socket's queue for a client that has not read them yet."""
+        return self._backlog_bytes
+
     def _drop_backlog(self):
         state.pending_bytes -= self._backlog_bytes
         self._backlog_bytes = 0
