@@ -59,6 +59,9 @@ __all__ = [
 
 # Handshakes in flight at once within a room.
 CONNECT_CONCURRENCY = 50
+# Joins beyond clients_per_room that may be spent to put a member of a room
+# on every replica (random balancing can leave one out).
+MAX_EXTRA_JOINS_PER_ROOM = 30
 # After the last expected delivery: the window in which a duplicate would show up.
 SETTLE_SECONDS = 0.5
 # Problems listed in the rendered report; the rest are counted.
@@ -454,10 +457,19 @@ async def run_fanout_check(
             return member
 
         # Room after room: each room's handshakes reach nginx back to back, so
-        # least_conn deals that room's members out over all replicas.
+        # least_conn (fixed addresses) deals that room's members out over all
+        # replicas. Where nginx picks a replica at random per handshake (a
+        # pool it resolves by DNS: compose, Kubernetes), a room can miss one:
+        # then members join one by one until it has one on every replica, at
+        # most MAX_EXTRA_JOINS_PER_ROOM more.
         by_room: dict[str, list[RoomMember]] = {}
         for room in room_names:
             results = await asyncio.gather(*(gated_join(room) for _ in range(clients_per_room)), return_exceptions=True)
+            for _ in range(MAX_EXTRA_JOINS_PER_ROOM):
+                pods = {r.welcomes[0].pod for r in results if isinstance(r, RoomMember)}
+                if len(pods) >= expect_replicas or loop.time() > deadline:
+                    break
+                results += await asyncio.gather(gated_join(room), return_exceptions=True)
             joined = [r for r in results if isinstance(r, RoomMember)]
             members += joined
             by_room[room] = joined

@@ -45,9 +45,35 @@ def by_replica(members: list[Member]) -> dict[str, list[Member]]:
 
 
 async def join_one_by_one(stack: ComposeStack, room: str, count: int, seconds: float = 20) -> list[Member]:
-    """One handshake at a time, so least_conn deals the sockets out evenly."""
     deadline = asyncio.get_running_loop().time() + seconds
     return [await join(stack.base_url, room, deadline=deadline) for _ in range(count)]
+
+
+async def join_until(stack: ComposeStack, room: str, enough, most: int, seconds: float = 30) -> list[Member]:
+    """Join one at a time until ``enough(members)``: nginx picks a replica at
+    random per handshake (it resolves the pool by DNS), so how many joins it
+    takes to reach a given replica varies; ``most`` bounds it."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    members: list[Member] = []
+    while not enough(members):
+        if len(members) >= most:
+            await close_all(members)
+            raise AssertionError(f"{most} handshakes did not get there: {by_replica(members).keys()}")
+        members.append(await join(stack.base_url, room, deadline=deadline))
+    return members
+
+
+def on_every_replica(replicas, per_replica: int):
+    return lambda members: all(len(by_replica(members).get(name, [])) >= per_replica for name in replicas)
+
+
+def nginx_workers(stack: ComposeStack) -> set[str]:
+    """The nginx worker processes' PIDs: a reload replaces them."""
+    script = """for f in /proc/[0-9]*/cmdline; do
+        case "$(tr '\\0' ' ' < "$f" 2>/dev/null)" in "nginx: worker process"*) echo "$f" ;; esac
+    done"""
+    out = stack.exec(stack.one("nginx"), "sh", "-c", script)
+    return set(out.split())
 
 
 async def assert_exactly_once(members: list[Member], room: str, messages: list[Message], seconds: float = 10) -> None:
@@ -86,7 +112,7 @@ def test_containers_run_as_non_root_on_read_only_filesystems(stack):
 async def test_killed_replica_leaves_the_others_receiving_and_its_clients_reconnect(stack):
     room = f"kill-{secrets.token_hex(3)}"
     replicas = stack.hostnames()
-    members = await join_one_by_one(stack, room, 9)
+    members = await join_until(stack, room, on_every_replica(replicas, 3), most=60)
     reconnected: list[Member] = []
     try:
         grouped = by_replica(members)
@@ -115,21 +141,57 @@ async def test_killed_replica_leaves_the_others_receiving_and_its_clients_reconn
     assert set(stack.hostnames()) == set(replicas)
 
 
-async def test_scaling_out_reaches_the_new_replica_and_leaves_open_sockets_alone(stack):
+async def test_nginx_stops_sending_handshakes_to_a_killed_replica_within_the_resolvers_validity(stack):
+    """The pool is re-resolved every 5 s (nginx.conf.template): Docker's DNS
+    drops a killed container at once, so nginx stops trying it within that,
+    and until then passes a handshake that reaches it on to a live replica."""
+    room = f"dns-{secrets.token_hex(3)}"
+    replicas = stack.hostnames()
+    victim = sorted(replicas)[-1]
+    address = stack.address(replicas[victim])
+    nginx = stack.one("nginx")
+    await asyncio.to_thread(run, ["docker", "kill", replicas[victim]], 60)
+    killed_at = time.time()
+    tried_victim: list[float] = []
+    served: list[Member] = []
+    try:
+        while time.time() - killed_at < 12:
+            started = time.time()
+            # Every handshake succeeds: on a refusal nginx tries the next replica.
+            member = await join(stack.base_url, room, deadline=asyncio.get_running_loop().time() + 10)
+            served.append(member)
+            assert member.pod != victim
+            await member.close()
+            log = run(["docker", "logs", "--since", f"{started - 1:.3f}", nginx], 30)
+            if f"{address}:8000" in log.stdout + log.stderr:
+                tried_victim.append(time.time() - killed_at)
+        assert len(served) >= 20
+        # 5 s of validity, plus the second docker logs' --since rounds to.
+        assert not [t for t in tried_victim if t > 7], f"handshakes still sent to {victim} at {tried_victim} s"
+    finally:
+        await close_all(served)
+    await asyncio.to_thread(stack.make, "scale", N=3)
+    assert set(stack.hostnames()) == set(replicas)
+
+
+async def test_scaling_out_reaches_the_new_replica_without_a_reload_and_leaves_open_sockets_alone(stack):
     room = f"scale-{secrets.token_hex(3)}"
     before = stack.hostnames()
     old = await join_one_by_one(stack, room, 6)
     newcomers: list[Member] = []
+    workers = nginx_workers(stack)
     try:
         await asyncio.to_thread(stack.make, "scale", N=4)
         new_replicas = set(stack.hostnames()) - set(before)
         assert len(new_replicas) == 1
         assert not [m for m in old if m.closed.is_set()], "scaling closed open sockets"
 
-        # least_conn sends new sockets to the replica holding none first.
-        newcomers = await join_one_by_one(stack, room, 12)
+        # nginx resolves `daphne` again within 5 s: no reload, the same workers.
+        newcomers = await join_until(
+            stack, room, lambda members: {m.pod for m in members} & new_replicas, most=40, seconds=40
+        )
+        assert nginx_workers(stack) == workers, "nginx was reloaded"
         on_new = [m for m in newcomers if m.pod in new_replicas]
-        assert on_new, f"no new socket reached {new_replicas}: {by_replica(newcomers).keys()}"
         messages = [
             await old[0].publish("from an old socket"),
             await on_new[0].publish("from the new replica"),
@@ -149,11 +211,13 @@ async def test_redis_restart_fan_out_works_again_within_10_s(stack):
     replicas = stack.hostnames()
     started = started_at(stack)
     room = f"redis-{secrets.token_hex(3)}"
-    members = [RoomMember(stack.base_url, room) for _ in range(2 * len(replicas))]
-    for member in members:  # one at a time, so least_conn deals them out evenly
-        await member.start(deadline=loop.time() + 20)
+    members: list[RoomMember] = []
+    # One at a time until every replica holds some (nginx picks at random).
+    while len(members) < 2 * len(replicas) or {member.pod for member in members} != set(replicas):
+        assert len(members) < 40, f"40 handshakes left a replica out: {sorted({m.pod for m in members})}"
+        members.append(RoomMember(stack.base_url, room))
+        await members[-1].start(deadline=loop.time() + 20)
     try:
-        assert {member.pod for member in members} == set(replicas)
         await asyncio.to_thread(stack.compose, "restart", "redis")
         restarted = loop.time()
 
