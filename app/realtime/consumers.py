@@ -133,6 +133,12 @@ class JsonFrameConsumer(compat.ConsumerLifecycle, AsyncWebsocketConsumer):
             metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "draining").inc()
             await self.close()
             return
+        if state.above_mean:
+            # Rebalancing (realtime.peers): refused with 503, which nginx
+            # retries on another replica, so new sockets do not land here.
+            metrics.CONNECTIONS_REFUSED.labels(metrics.REPLICA, "above_mean").inc()
+            await self.close()
+            return
         await self.accept()
         if state.open_sockets >= settings.WS_MAX_CONNECTIONS:
             # Accepted only to say why: 1013 tells the client to come back later

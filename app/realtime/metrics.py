@@ -39,7 +39,7 @@ CONNECTIONS_REFUSED = Counter(
     "blueprint_ws_connections_refused",
     "Sockets refused or closed by the server: over_capacity (1013), draining, bad_room, rate_limited (1008), "
     "slow_consumer and shed (4000), out_of_sequence (4000), redis_link (1012), rebalanced (1012: handed on to "
-    "a less loaded replica), server_error (1011)",
+    "a less loaded replica), above_mean (a handshake refused with 503 while rebalancing), server_error (1011)",
     ["replica", "reason"],
 )
 GROUP_SEND_SECONDS = Histogram(

@@ -26,7 +26,14 @@ nobody reports; ``<prefix>:replica-drains``, a hash of outcome to count, with
 no expiry (a few bytes; ``volatile-lru`` never evicts it; a Redis restart
 starts it again, which the counters read as nothing new).
 
-Redis unreachable: nothing is shed, the report lapses (the others leave this
+While it is above that band it also refuses new sockets with 503 (nginx
+retries the handshake on another replica), so that neither the sockets it
+closes nor new ones land on it again: where nginx picks a replica at random
+(a DNS-resolved pool) most of them would, and a replica would shed the same
+sockets over and over. The refusal lasts two intervals from the census that
+found it above, and lapses by itself.
+
+Redis unreachable: nothing is shed or refused, the report lapses (the others leave this
 replica out of the mean), one warning per outage, and the loop keeps trying.
 """
 
@@ -187,9 +194,11 @@ class Deployment:
             if not self._unreachable:
                 logger.warning("could not report to Redis, not rebalancing until it answers: %r", error)
             self._unreachable = True
+            state.above_mean_until = 0.0
             return 0
         except Exception:  # a bug here must not end the loop, nor the replica
             logger.exception("the deployment census failed")
+            state.above_mean_until = 0.0
             return 0
         if self._unreachable:
             logger.info("reporting to Redis again")
@@ -212,11 +221,17 @@ class Deployment:
             self._drains_seen[outcome] = now
 
     def rebalance(self, census: Census) -> int:
-        """Close what the decision says with 1012; how many were closed."""
+        """Refuse new sockets while well above the mean, and close what the
+        decision says with 1012; how many were closed."""
+        state.above_mean_until = 0.0
         if state.draining or state.redis_links_down:
             return 0
         mine = state.open_sockets
         others = [count for name, count in census.sockets.items() if name != metrics.REPLICA]
+        if rebalancing.above_band(mine, others, self.config):
+            # Until the next census, and one more in case it is late: a
+            # refusal that outlived the census would starve this replica.
+            state.above_mean_until = time.monotonic() + 2 * self.config.interval
         count = rebalancing.sockets_to_shed(mine, others, self.config)
         if not count:
             return 0

@@ -9,7 +9,10 @@ on the emptiest replica). So every replica reports its open sockets and reads
 the others' (``realtime.peers``), and one holding well above the deployment's
 mean hands a few of its sockets on each interval: it closes them with 1012
 (service restart) and the clients reconnect through nginx and resume from
-their last position, losing nothing (README, Wire protocol).
+their last position, losing nothing (README, Wire protocol). Meanwhile it
+refuses new sockets with 503, which nginx retries on another replica: the
+sockets it hands on, and new ones, land elsewhere even where nginx picks a
+replica at random.
 
 "Well above" is above both ``REBALANCE_THRESHOLD`` x the mean (1.2: a replica
 20 % busier than the rest costs little; moving a socket costs its client a
@@ -90,16 +93,21 @@ def band(mean: float, config: RebalanceConfig) -> float:
     return max(mean * config.threshold, mean + config.min_excess)
 
 
-def sockets_to_shed(mine: int, others: Sequence[int], config: RebalanceConfig) -> int:
-    """How many of its ``mine`` sockets a replica closes this interval, given
-    the counts the other replicas reported (those that serve: a draining
-    replica reports none)."""
+def above_band(mine: int, others: Sequence[int], config: RebalanceConfig) -> bool:
+    """Whether a replica with ``mine`` sockets holds well above the mean of
+    its own and the ``others``' counts (those that serve: a draining replica
+    reports none): then it sheds, and refuses new sockets."""
     if not config.enabled or not others or mine <= 0:
+        return False
+    return mine > band((mine + sum(others)) / (len(others) + 1), config)
+
+
+def sockets_to_shed(mine: int, others: Sequence[int], config: RebalanceConfig) -> int:
+    """How many of its ``mine`` sockets a replica closes this interval."""
+    if not above_band(mine, others, config):
         return 0
     mean = (mine + sum(others)) / (len(others) + 1)
     ceiling = band(mean, config)
-    if mine <= ceiling:
-        return 0
     step = max(1, math.ceil(mine * config.max_share))
     # Down to the band at most: ceiling >= mean + min_excess > mean.
     return min(step, mine - math.floor(ceiling))

@@ -7,6 +7,7 @@ One Daphne process is one replica; this state is per process, read by
 from __future__ import annotations
 
 import logging
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,15 @@ class ReplicaState:
         self.pending_bytes = 0
         # Redis shards whose subscription link is lost: not ready while any is.
         self.redis_links_down: set[str] = set()
+        # Until this time.monotonic() the replica holds well above the
+        # deployment's mean (realtime.peers): it refuses new sockets with 503,
+        # which nginx retries on another replica. Renewed by every census that
+        # finds it so, so it lapses by itself if the census stops.
+        self.above_mean_until = 0.0
+
+    @property
+    def above_mean(self) -> bool:
+        return time.monotonic() < self.above_mean_until
 
     def start_draining(self) -> None:
         # Imported here: the drain server imports this module before Django is set up.

@@ -118,8 +118,9 @@ class ServerCloseProtocol(WebSocketProtocol):
 
     def serverReject(self):
         # A handshake refused because the replica cannot serve (it lost Redis)
-        # answers 503, which nginx retries on another replica, not 403.
-        if state.redis_links_down:
+        # or should not (it holds well above the deployment's mean socket
+        # count) answers 503, which nginx retries on another replica, not 403.
+        if state.redis_links_down or state.above_mean:
             self.handshake_deferred.errback(ConnectionDeny(code=503, reason="Service Unavailable"))
             del self.handshake_deferred
             self.server.protocol_disconnected(self)

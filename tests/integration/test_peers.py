@@ -37,6 +37,12 @@ class FakeSocket:
         self.state = ws_protocol.ServerCloseProtocol.STATE_CLOSING
 
 
+@pytest.fixture(autouse=True)
+def refusal_undone(monkeypatch):
+    """The census sets the process's refusal of new sockets: undone after each test."""
+    monkeypatch.setattr(state, "above_mean_until", 0.0)
+
+
 @pytest.fixture
 def layer_on(redis_server):
     hosts = [{"address": redis_server.url}]
@@ -95,6 +101,11 @@ async def test_a_replica_well_above_the_mean_closes_movable_sockets_with_1012(la
     assert all(s.queued_bytes == 0 and time.time() - s.socket_opened > CONFIG.min_age for s in moved)
     assert not [s for s in chat if s.closed_with is not None], "a chat member without history was moved"
     assert refused("rebalanced") - before == 20
+    # Above the band: new sockets are refused (503) until the next census says otherwise.
+    assert state.above_mean and state.above_mean_until <= time.monotonic() + 2 * CONFIG.interval
+    report(client, "daphne-new", 150)
+    await deployment.once()
+    assert not state.above_mean, "still refusing once inside the band"
 
 
 async def test_nothing_moves_while_draining_alone_or_disabled(layer_on, sockets, monkeypatch):
@@ -111,7 +122,8 @@ async def test_nothing_moves_while_draining_alone_or_disabled(layer_on, sockets,
     assert client.hget("asgi:replica-sockets", metrics.REPLICA) == reported
 
 
-async def test_redis_away_means_no_shedding_and_no_crash(sockets, caplog):
+async def test_redis_away_means_no_shedding_and_no_crash(sockets, caplog, monkeypatch):
+    monkeypatch.setattr(state, "above_mean_until", time.monotonic() + 60)
     layers = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -121,6 +133,7 @@ async def test_redis_away_means_no_shedding_and_no_crash(sockets, caplog):
     with override_settings(CHANNEL_LAYERS=layers, REDIS_LINK_TIMEOUT_SECONDS=1.0):
         deployment = peers.Deployment(CONFIG)
         assert await deployment.once() == 0
+        assert not state.above_mean, "refusing sockets on a stale view of the deployment"
         assert await deployment.once() == 0
     warnings = [r for r in caplog.records if r.getMessage().startswith("could not report to Redis")]
     assert len(warnings) == 1, "one warning per outage"

@@ -1,15 +1,19 @@
-"""The rebalancing decision and the drain's batches (realtime/rebalancing.py), as plain functions."""
+"""The rebalancing decision and the drain's batches (realtime/rebalancing.py), and the refusal it sets."""
 
 from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from realtime import rebalancing
 from realtime.rebalancing import Movable, RebalanceConfig, Socket
+from realtime.replica import state
+
+from tests.ws import connect
 
 DEFAULTS = RebalanceConfig()
 # What the compose test runs: small deployments, quick intervals.
@@ -69,6 +73,32 @@ def test_a_replica_never_sheds_below_the_mean_nor_more_than_its_share(mine, othe
         assert mine > mean * threshold and mine > mean + min_excess, "shed while not well above the mean"
         assert mine - shed >= mean, "shed below the mean"
         assert shed <= max(1, math.ceil(mine * max_share))
+
+
+@pytest.mark.parametrize(
+    "mine,others,config,above",
+    [
+        (100, [100, 100, 0, 0], SMALL, True),
+        (72, [72, 72, 42, 42], SMALL, False),  # on the band's edge (mean 60): takes sockets again
+        (100, [100, 100, 0, 0], DEFAULTS, False),
+        (100, [], SMALL, False),
+        (100, [0], RebalanceConfig(enabled=False), False),
+    ],
+)
+def test_above_the_band_a_replica_both_sheds_and_refuses(mine, others, config, above):
+    assert rebalancing.above_band(mine, others, config) is above
+    assert (rebalancing.sockets_to_shed(mine, others, config) > 0) is above
+
+
+async def test_a_replica_above_the_mean_refuses_new_sockets_until_the_census_lapses(monkeypatch):
+    monkeypatch.setattr(state, "above_mean_until", time.monotonic() + 60)
+    assert state.above_mean
+    _, connected = await connect("/ws/echo/")
+    assert not connected, "accepted a socket while above the mean"
+    monkeypatch.setattr(state, "above_mean_until", time.monotonic() - 0.1)
+    socket, connected = await connect("/ws/echo/")
+    assert connected
+    await socket.disconnect()
 
 
 # --- which sockets ------------------------------------------------------------------
