@@ -84,10 +84,12 @@ class LocalStack:
         env: dict[str, str] | None = None,
         log: TextIO | None = None,
         replica_command: Callable[[int], list[str]] | None = None,
+        nginx_env: dict[str, str] | None = None,
     ):
         """``replica_command(port)``, when given, is the argv of a replica server to
         run instead of Daphne (the capacity benchmark's raw baseline): it must
-        listen on 127.0.0.1:port and answer /readyz with its POD_NAME as Daphne does."""
+        listen on 127.0.0.1:port and answer /readyz with its POD_NAME as Daphne does.
+        ``nginx_env`` sets more of nginx's inputs (TLS, real-IP: the template's header)."""
         if replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {replicas}")
         if channel_layer not in CHANNEL_LAYERS:
@@ -97,6 +99,7 @@ class LocalStack:
         self.log = log or sys.stderr
         self.channel_layer = channel_layer
         self.extra_env = dict(env or {})
+        self.nginx_env = dict(nginx_env or {})
         self.replica_command = replica_command or self._daphne_argv
         self.replica_names = [f"daphne-{index}" for index in range(1, replicas + 1)]
         *replica_ports, self.gunicorn_port, redis_port, nginx_port = free_ports(replicas + 3)
@@ -223,6 +226,7 @@ class LocalStack:
                 runtime_dir=str(runtime_dir),
                 daphne=[f"127.0.0.1:{port}" for port in self.replica_ports.values()],
                 gunicorn=[f"127.0.0.1:{self.gunicorn_port}"],
+                **self.nginx_env,
             )
         )
 
