@@ -244,6 +244,33 @@ def test_nginx_reaches_every_daphne_pod_by_the_headless_service(name):
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
+def test_every_port_a_service_sends_to_nginx_is_served_and_admitted(name):
+    docs = render(name)
+    nginx = find(docs, "Deployment", "nginx")
+    ports = {port["name"]: port["containerPort"] for port in container(nginx)["ports"]}
+    admitted = {
+        port["port"] for rule in find(docs, "NetworkPolicy", "nginx")["spec"]["ingress"] for port in rule["ports"]
+    }
+    for service in of_kind(docs, "Service"):
+        if service["spec"]["selector"] != {"app.kubernetes.io/name": "nginx"}:
+            continue
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, f"{service['metadata']['name']} sends to a port nginx lacks"
+            assert port["targetPort"] in admitted, f"the NetworkPolicy drops {service['metadata']['name']}'s traffic"
+    if "https" in ports:
+        # The TLS listener is the one the template renders from these inputs.
+        tls_port = {e["name"]: e.get("value") for e in container(nginx)["env"]}.get("NGINX_TLS_PORT")
+        assert int(tls_port or render_nginx.image_defaults()["NGINX_TLS_PORT"]) == ports["https"]
+        mounts = {m["name"]: m["mountPath"] for m in container(nginx)["volumeMounts"]}
+        secrets = {
+            v["name"]: v["secret"]["secretName"] for v in nginx["spec"]["template"]["spec"]["volumes"] if "secret" in v
+        }
+        for variable, key in (("NGINX_TLS_CERTIFICATE", "tls.crt"), ("NGINX_TLS_CERTIFICATE_KEY", "tls.key")):
+            path = Path(env_value(nginx, docs, variable))
+            assert path.name == key and [v for v in secrets if mounts.get(v) == str(path.parent)], path
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
 def test_nginx_renders_a_config_nginx_accepts_from_each_overlays_environment(name, tmp_path):
     docs = render(name)
     nginx = find(docs, "Deployment", "nginx")
