@@ -44,9 +44,11 @@ services:
 MEMBERS, ROOMS = 300, 6
 # One address opens them all: nginx's per-address handshake limit allows a
 # burst of 500, then 100 a second, so 300 at once and the reconnects pass.
-# From the new replicas' readiness to every replica inside the band; the
-# expected time is about 15 s (see README, Operating it).
-CONVERGE_SECONDS = 35
+# From the new replicas' readiness to every replica inside the band. Each of
+# the three old replicas has about 28 sockets to hand on, 5 a second at most:
+# about 6 s with every handshake going to the new ones, as the refusal above
+# the band makes it (measured 7.5 s; 23 s before replicas above it refused).
+CONVERGE_SECONDS = 30
 DRAIN_TIMEOUT_SECONDS = 20.0  # the app's default: the compose stack sets none
 PUBLISH_EVERY_SECONDS = 0.1
 
@@ -211,12 +213,13 @@ async def test_a_drain_sends_its_members_to_the_others_at_the_stated_rate(stack)
     drained = [r for m in on_victim for r in m.reconnects if r.lost.pod == victim and r.lost.at >= signalled]
     closes = [r.lost.at - signalled for r in drained]
     arrivals = [r.welcome.at - signalled for r in drained]
-    peak = peak_per_second(arrivals)
+    peak, closing_peak = peak_per_second(arrivals), peak_per_second(closes)
     bound = rebalancing.drain_peak_per_second(sockets, DRAIN_TIMEOUT_SECONDS)
     batch = rebalancing.drain_schedule(sockets, DRAIN_TIMEOUT_SECONDS)[0]
     print(
         f"drained {victim} with {sockets} members: closed over {max(closes):.2f} s, "
-        f"stopped after {stopped - signalled:.1f} s; reconnects at the others peaked at {peak} in a second "
+        f"stopped after {stopped - signalled:.1f} s; {closing_peak} closes and {peak} reconnects at the others "
+        f"in a second at most "
         f"(bound {bound}, a batch of {batch} every {rebalancing.DRAIN_TICK_SECONDS} s); "
         f"the drain counted by the others: {counted}; {report.render_reconnects()}"
     )
@@ -225,8 +228,11 @@ async def test_a_drain_sends_its_members_to_the_others_at_the_stated_rate(stack)
     assert len(drained) == sockets, f"{len(drained)} of the {sockets} members reconnected"
     assert {r.lost.code for r in drained} == {1001}
     assert all(r.welcome.pod != victim for r in drained)
-    # Closed in batches, not at once: a tick's batch at the edge of a second is the slack.
-    assert peak <= bound + batch, f"{peak} reconnects in a second, bound {bound}"
+    # Closed in batches, not at once. The slack: a tick's batch at the edge of
+    # a second, and one for the clients' reconnect jitter (up to 50 ms) or a
+    # tick the loop ran late and the next caught up.
+    assert closing_peak <= bound + batch, f"{closing_peak} closes in a second, bound {bound}"
+    assert peak <= bound + 2 * batch, f"{peak} reconnects in a second, bound {bound}"
     if sockets > batch:
         assert max(closes) >= rebalancing.DRAIN_TICK_SECONDS, "every socket was closed at once"
     assert max(closes) <= rebalancing.drain_window(DRAIN_TIMEOUT_SECONDS) + 1
