@@ -20,10 +20,9 @@ reconnect) and the mean + ``REBALANCE_MIN_EXCESS`` (50: a few dozen sockets
 more or less are nothing to a replica, and small deployments stay still). A
 replica sheds at most ``REBALANCE_MAX_SHARE`` of its sockets per interval
 (2 % per 10 s: at 20,000 sockets, 400 handshakes per 10 s for the rest of the
-deployment, 40 a second) and never so many that it would fall under that
+deployment, 40 a second from each replica above the band) and never so many that it would fall under that
 band, so never under the mean: a replica at 20,000 where the mean is 12,000
-is inside the band (14,400) after about 17 intervals, three minutes (a little
-more where nginx places some of the moved sockets back on it).
+is inside the band (14,400) after about 17 intervals, three minutes.
 
 The sockets it picks are ones that lose nothing by moving: open at least three
 intervals (a socket just moved here is not moved again at once), nothing
@@ -38,8 +37,9 @@ Each batch is the remaining sockets over the ticks left, and at least
 ``DRAIN_MIN_RATE`` a second (a replica with a few dozen sockets drains at
 once, as before). So the rest of the deployment sees at most
 max(``DRAIN_MIN_RATE``, N / window) new handshakes a second from a drain of N
-sockets: with the default 20 s timeout, N / 15 s (1,320 a second for 20,000
-sockets, where all at once was 20,000 within the clients' backoff jitter).
+sockets (plus a tick's batch at the edges of a second): with the default 20 s
+timeout, N / 15 s (1,320 a second for 20,000 sockets, where all at once was
+20,000 within the clients' backoff jitter).
 Sockets waiting for their batch are served as before: the replica stays
 subscribed until it exits.
 """
