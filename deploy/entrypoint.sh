@@ -17,6 +17,17 @@ hard_nofile=$(ulimit -Hn)
 if [ "$hard_nofile" = unlimited ]; then hard_nofile=$(cat /proc/sys/fs/nr_open); fi
 ulimit -Sn "$hard_nofile"
 
+# Listen on every address, IPv6 too where the kernel has it: `::` is a
+# dual-stack socket on Linux (IPv4 clients arrive as ::ffff:a.b.c.d), so a
+# pod in an IPv6 or dual-stack cluster is reachable by every address DNS
+# gives for it. Without IPv6 (Docker's default networks), 0.0.0.0.
+# (procfs files report size 0: read, do not test -s.)
+if grep -q . /proc/net/if_inet6 2>/dev/null; then
+    listen_host="::" listen_address="[::]"
+else
+    listen_host="0.0.0.0" listen_address="0.0.0.0"
+fi
+
 role="${1:-daphne}"
 if [ "$#" -gt 0 ]; then shift; fi
 
@@ -29,7 +40,7 @@ case "$role" in
         # so a stopped replica closes its sockets with 1001 and they reconnect.
         # Its options and application are realtime/command_line.py's, the same
         # for the local stack and the tests; "$@" adds or overrides options.
-        exec python -m realtime.server --bind 0.0.0.0 --port 8000 "$@"
+        exec python -m realtime.server --bind "$listen_host" --port 8000 "$@"
         ;;
     gunicorn)
         export POD_NAME="${POD_NAME:-$(python -m deploy.replica_name gunicorn)}"
@@ -41,7 +52,7 @@ case "$role" in
         # Heartbeat files in /dev/shm: a disk-backed /tmp stalls workers on a
         # busy node. No control socket: nothing uses it, and its default place
         # is under $HOME, read-only here.
-        exec gunicorn --bind 0.0.0.0:8001 --workers "${GUNICORN_WORKERS:-2}" \
+        exec gunicorn --bind "$listen_address:8001" --workers "${GUNICORN_WORKERS:-2}" \
             --worker-tmp-dir /dev/shm --no-control-socket --access-logfile - \
             --config /app/deploy/gunicorn_conf.py \
             "$@" config.wsgi:application

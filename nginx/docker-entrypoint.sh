@@ -118,7 +118,8 @@ derive() {
 
     # Listeners: IPv6 too where the kernel has it.
     ipv6=""
-    if [ -s /proc/net/if_inet6 ]; then ipv6=yes; fi
+    # (procfs files report size 0: read, do not test -s.)
+    if grep -q . /proc/net/if_inet6 2>/dev/null; then ipv6=yes; fi
     NGINX_LISTEN="listen $NGINX_LISTEN_PORT;"
     [ -z "$ipv6" ] || NGINX_LISTEN="$NGINX_LISTEN listen [::]:$NGINX_LISTEN_PORT;"
 

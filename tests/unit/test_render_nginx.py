@@ -192,7 +192,7 @@ def test_there_is_one_nginx_config():
 def test_the_image_the_local_stack_and_the_tests_start_replicas_with_one_command_line():
     """Nobody adds options of their own: realtime.server adds production's (command_line.py)."""
     entrypoint = (REPO / "deploy" / "entrypoint.sh").read_text()
-    assert re.findall(r"exec python -m realtime\.server (.*)", entrypoint) == ['--bind 0.0.0.0 --port 8000 "$@"']
+    assert re.findall(r"exec python -m realtime\.server (.*)", entrypoint) == ['--bind "$listen_host" --port 8000 "$@"']
     assert LocalStack._daphne_argv(1) == command_line.argv(sys.executable, "127.0.0.1", 1)
     assert "command_line.argv(" in (REPO / "tests" / "processes.py").read_text()
     assert command_line.complete(["--bind", "h"])[-1] == command_line.APPLICATION
