@@ -1,7 +1,8 @@
 """Cross-replica fan-out through the load balancer, checked message by message.
 
-In each room, K WebSocket clients connect through nginx and land wherever its
-least_conn balancing puts them (the welcome frame names the replica). Then one
+In each room, K WebSocket clients connect through nginx and land wherever it
+puts them (the welcome frame names the replica; a room that misses a replica
+gets more members until it has one there). Then one
 member on every replica publishes, and the HTTP API publishes once (``rounds``
 times, ``round_interval`` apart). Every member must receive every message of
 its room exactly once, stamped with the right origin and, as served_by, the

@@ -2,8 +2,9 @@
 that record every publish and whether the server acknowledged it.
 
 Each room has ``members_per_room`` RoomMembers (they reconnect and resume from
-their last position, as the chat page does), joined one at a time so nginx's
-least_conn deals them over every replica. The room's first member also
+their last position, as the chat page does), joined one at a time through
+nginx, which places each on a replica it picks at random from the ones
+Docker's DNS names. The room's first member also
 publishes on its socket; one HTTP publisher posts to every room in turn
 through the broadcast API. A publish is *acknowledged* when the server said
 it was published: a 202 (with its room position) for the API, the
