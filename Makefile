@@ -226,12 +226,13 @@ check-fanout: venv system-packages ## fan-out matrix and verdict on a fresh loca
 	@$(if $(TARGET),$(if $(TOKEN),BROADCAST_TOKEN='$(TOKEN)') $(BIN)/python -m loadtest.fanout_check --target '$(TARGET)' --expect-replicas $(REPLICAS),$(BIN)/python -m loadtest.demo --replicas $(REPLICAS) $(if $(PORT),--port $(PORT)) --check)
 
 # --- benchmark ---
-# make bench [BENCH_CONFIGS=raw,daphne-pubsub]   every configuration on fresh 3-replica local stacks, ≤ 15 min
+# make bench [BENCH_CONFIGS=raw,daphne-pubsub]   every configuration on its own 3-replica local stack, measured in
+#                                                interleaved rounds (A B C A B C ...), ≤ 20 min
 # make bench-smoke                               the same code path with small numbers (also run by make test)
 BENCH_CONFIGS ?=
 
 .PHONY: bench
-bench: venv system-packages ## capacity benchmark against the raw baseline: loadtest/reports/bench.{json,md,png}
+bench: venv system-packages ## capacity benchmark against the raw baseline, python-socketio and picows: loadtest/reports/bench.{json,md,png}
 	@$(BIN)/python -m loadtest.bench $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
 
 .PHONY: bench-smoke

@@ -1,4 +1,4 @@
-"""Run the capacity benchmark: every configuration, one after the other, on fresh local stacks.
+"""Run the capacity benchmark: every configuration on its own local stack, measured interleaved.
 
     python -m loadtest.bench                      # the full benchmark (make bench)
     python -m loadtest.bench --smoke              # same code path, small numbers (make bench-smoke)
@@ -20,7 +20,7 @@ from deploy.stack import StackError, nginx_binary
 from loadtest.bench import procstats, report
 from loadtest.bench.configs import CONFIGURATIONS, by_name
 from loadtest.bench.loadgen import ConnectError
-from loadtest.bench.runner import SMOKE_PLAN, Plan, plan_dict, run_configuration
+from loadtest.bench.runner import SMOKE_PLAN, Plan, plan_dict, run_configurations
 
 REPORTS = Path("loadtest/reports")
 # Each process has its own limit: the generator holds one file per socket, an
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     stack_log_path = args.stack_log or out.with_suffix(".stack.log")
     stack_log_path.parent.mkdir(parents=True, exist_ok=True)
 
-    sockets = plan.broadcast_sockets + plan.rooms * plan.room_size
+    # Every configuration's rate rooms stay open through the rounds; one broadcast room at a time.
+    sockets = plan.broadcast_sockets + plan.rooms * plan.room_size * len(configurations)
     limit = procstats.raise_open_file_limit(sockets * 2 + SPARE_FILES)
     if limit < sockets + SPARE_FILES:
         print(f"the open-file limit is {limit}: too low for {sockets} sockets (raise `ulimit -n`)", file=sys.stderr)
@@ -79,21 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         f"capacity benchmark ({meta['mode']}): {', '.join(c.name for c in configurations)}; "
         f"load average {meta['load_average_start']}; stacks' output in {stack_log_path}"
     )
-    results = []
     with open(stack_log_path, "w") as stack_log:
-        for configuration in configurations:
-            try:
-                results.append(run_configuration(configuration, plan, stack_log, log))
-            except (StackError, ConnectError) as error:
-                print(f"{configuration.name} failed: {error} (see {stack_log_path})", file=sys.stderr)
-                return 1
+        try:
+            results = run_configurations(configurations, plan, stack_log, log)
+        except (StackError, ConnectError) as error:
+            print(f"the benchmark failed: {error} (see {stack_log_path})", file=sys.stderr)
+            return 1
     meta.update(load_average_end=procstats.load_average(), seconds=round(time.monotonic() - started, 1))
     built = report.build(results, meta)
     paths = report.write(built, out)
     log("")
     log(report.table(built))
     log("")
+    log(report.rounds_table(built))
+    log("")
     log(report.targets_table(built))
+    log("")
+    log(report.peer_targets_table(built))
     log(
         f"\nwritten: {', '.join(str(path) for path in paths.values())}; {meta['seconds']:.0f} s in all, "
         f"load average at the end {meta['load_average_end']}"

@@ -103,8 +103,17 @@ class Member:
         self.pod: str | None = None
         self.welcomed = asyncio.get_running_loop().create_future()
 
+    @staticmethod
+    def path(room: str) -> str:
+        return f"/ws/chat/{room}/"
+
+    def on_open(self, client: WsClient) -> None:
+        """The socket is open (before its first frame is read); the welcome comes next."""
+
     def on_text(self, payload: bytes, received_at: float) -> None:
-        frame = json.loads(payload)
+        self.on_frame(json.loads(payload), received_at)
+
+    def on_frame(self, frame: dict, received_at: float) -> None:
         kind = frame.get("type")
         if kind == "chat.message":
             self.fleet.ledger.arrive(frame, received_at)
@@ -124,7 +133,56 @@ class Member:
             return
         sent_at = time.monotonic()
         self.fleet.ledger.owe(message_id, len(self.fleet.rooms[self.room]), sent_at)
-        self.client.send_text(f'{{"message":"{MESSAGE_TEXT}","id":{message_id},"sent_at":{sent_at!r}}}')
+        self.client.send_text(self.encode(f'{{"message":"{MESSAGE_TEXT}","id":{message_id},"sent_at":{sent_at!r}}}'))
+
+    @staticmethod
+    def encode(message: str) -> str:
+        return message
+
+
+class SocketIOMember(Member):
+    """The same member speaking Socket.IO (Engine.IO 4, WebSocket transport only) to
+    ``socketio_server``: the thin adapter that module's docstring explains. Events
+    carry the blueprint's frames; ``served_by``, which python-socketio's manager
+    cannot set per server, is the replica that welcomed this socket."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, fleet: Fleet, room: str):
+        super().__init__(fleet, room)
+        self.wire: WsClient | None = None
+
+    @staticmethod
+    def path(room: str) -> str:
+        return f"/ws/chat/{room}/?EIO=4&transport=websocket"
+
+    def on_open(self, client: WsClient) -> None:
+        self.wire = client
+
+    def on_text(self, payload: bytes, received_at: float) -> None:
+        if payload.startswith(b"42"):  # a Socket.IO EVENT on the default namespace
+            name, data = json.loads(payload[2:])
+            if name == "chat.message" and data.get("served_by") is None:
+                data["served_by"] = self.pod
+            elif name == "error":
+                self.fleet.errors[str(data.get("code", name))] += 1
+                return
+            self.on_frame(data, received_at)
+        elif payload == b"2":  # Engine.IO PING: answered, or the server drops the socket
+            self.wire.send_text("3")
+        elif payload.startswith(b"0"):  # Engine.IO OPEN: now join the default namespace
+            self.wire.send_text("40")
+        elif payload.startswith(b"40"):  # Socket.IO CONNECT accepted; the welcome event follows
+            pass
+        else:  # 41 DISCONNECT, 44 CONNECT_ERROR, anything else
+            self.fleet.errors[f"socket.io {payload[:40]!r}"] += 1
+
+    @staticmethod
+    def encode(message: str) -> str:
+        return f'42["message",{message}]'
+
+
+MEMBER_KINDS = {"json": Member, "socketio": SocketIOMember}
 
 
 class ConnectError(Exception):
@@ -134,12 +192,18 @@ class ConnectError(Exception):
 class Fleet:
     """The sockets of one benchmark run, by room, all fed into the current ledger."""
 
-    def __init__(self, base_url: str, concurrency: int = 100, timeout: float = 30.0):
+    def __init__(
+        self, base_url: str, wire: str = "json", name: str = "", concurrency: int = 100, timeout: float = 30.0
+    ):
         parts = urlsplit(base_url)
         if parts.scheme != "http" or parts.hostname is None or parts.port is None:
             raise ValueError(f"the benchmark needs a plain http://host:port target, got {base_url!r}")
         self.host, self.port = parts.hostname, parts.port
         self.origin = f"http://{parts.netloc}"
+        #: how members speak: the blueprint's JSON frames, or Socket.IO
+        self.member_kind = MEMBER_KINDS[wire]
+        #: the configuration measured, for messages
+        self.name = name
         self.concurrency = concurrency
         self.timeout = timeout
         self.rooms: dict[str, list[Member]] = {}
@@ -161,7 +225,7 @@ class Fleet:
     async def open(self, room: str, count: int) -> list[Member]:
         """``count`` more members of ``room``, each welcomed before this returns."""
         gate = asyncio.Semaphore(self.concurrency)
-        members = [Member(self, room) for _ in range(count)]
+        members = [self.member_kind(self, room) for _ in range(count)]
 
         async def one(member: Member) -> None:
             async with gate:
@@ -173,7 +237,8 @@ class Fleet:
         self.rooms.setdefault(room, []).extend(opened)
         if failures:
             raise ConnectError(
-                f"{len(failures)} of {count} sockets to room {room} failed to open; first: {failures[0]!r}"
+                f"{self.name + ': ' if self.name else ''}{len(failures)} of {count} sockets to room {room} "
+                f"failed to open; first: {failures[0]!r}"
             )
         return members
 
@@ -184,8 +249,9 @@ class Fleet:
                 client = await connect(
                     self.host,
                     self.port,
-                    f"/ws/chat/{member.room}/",
+                    member.path(member.room),
                     origin=self.origin,
+                    on_open=member.on_open,
                     on_text=member.on_text,
                     on_close=member.on_close,
                     source=next(self._sources),
@@ -194,7 +260,7 @@ class Fleet:
                 try:
                     await asyncio.wait_for(asyncio.shield(member.welcomed), self.timeout)
                 except TimeoutError:
-                    client.transport.abort()
+                    client.abort()
                     raise
                 member.client = client
                 return
@@ -249,8 +315,8 @@ class Fleet:
         if clients:
             await asyncio.wait([client.closed for client in clients], timeout=self.timeout)
         for client in clients:
-            if client.transport and not client.closed.done():
-                client.transport.abort()
+            if not client.closed.done():
+                client.abort()
         self.closing = False
 
 

@@ -14,7 +14,22 @@ from pathlib import Path
 import psutil
 
 # Python packages whose versions decide the numbers.
-VERSIONED_PACKAGES = ("Django", "channels", "channels-redis", "daphne", "Twisted", "autobahn", "websockets", "redis")
+VERSIONED_PACKAGES = (
+    "Django",
+    "channels",
+    "channels-redis",
+    "daphne",
+    "Twisted",
+    "autobahn",
+    "websockets",
+    "redis",
+    "python-socketio",
+    "python-engineio",
+    "uvicorn",
+    "picows",
+    "aiofastnet",
+    "uvloop",
+)
 # Sockets of the generator, nginx (two connections per WebSocket) and the
 # replicas all count against the open-file limit the stack inherits.
 WANTED_OPEN_FILES = 65536

@@ -1,4 +1,11 @@
-"""One configuration, measured: rate stepping, idle-socket memory, the big broadcast.
+"""The measurements, interleaved over every configuration: rate stepping, idle-socket memory, the big broadcast.
+
+Interleaving: every configuration's stack is started first and stays up; then
+``runs`` rounds each run every configuration's rate stepping in turn (A B C
+A B C ...), so a slow minute of the shared machine falls on one round of all
+of them instead of on all the runs of one, and every ratio to the baseline is
+taken within a round and reported with its spread over the rounds. The
+stacks not being measured hold their idle rooms (a ping every 20 s).
 
 Rate stepping: ``rooms`` rooms of ``room_size`` members; each published
 message is owed to every member of its room on every replica. A step offers
@@ -6,18 +13,18 @@ one publish rate for ``step_seconds``; it passes when every delivery arrived
 (none lost, none duplicated, no error frame, no socket closed) with p99
 latency at most ``max_p99_ms``. A failed step is repeated once: on a shared
 machine a stall elsewhere can fail one step, so a failure must be confirmed.
-The rates form one geometric ladder. The first run climbs it in strides until
-a confirmed failure, then rung by rung from the last pass; later runs start a
-few rungs below the first run's result. A run ends at its confirmed failure,
+The rates form one geometric ladder. The first round climbs it in strides until
+a confirmed failure, then rung by rung from the last pass; later rounds start a
+few rungs below the first round's result. A run ends at its confirmed failure,
 with one more step halfway (geometrically) between it and the rung below, or
 when the generator itself was saturated (the result is then only a lower
-bound). Then one overload step, ``overload_factor`` × the median lossless
-rate for longer, shows what is lost or late above the limit.
+bound). Then, for each configuration, one overload step, ``overload_factor`` ×
+its median lossless rate for longer, shows what is lost or late above the limit.
 
-Memory and broadcast: ``broadcast_sockets`` members of one room, opened in
-``memory_batches`` batches; each replica's RSS growth per socket is taken for
-every batch. Then one message to the whole room, ``broadcasts`` times: its
-completion time is the last member's delivery.
+Memory and broadcast, one configuration after the other: ``broadcast_sockets``
+members of one room, opened in ``memory_batches`` batches; each replica's RSS
+growth per socket is taken for every batch. Then one message to the whole
+room, ``broadcasts`` times: its completion time is the last member's delivery.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import asyncio
 import statistics
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import uvloop
@@ -42,13 +50,14 @@ BROADCAST_ROOM = "bench-broadcast"
 class Plan:
     rooms: int = 10
     room_size: int = 30
+    # Rounds: every configuration's rate stepping once per round, interleaved.
     runs: int = 3
     min_rate: float = 20.0
     max_rate: float = 8000.0
     rung_factor: float = 1.2
     coarse_stride: int = 3
     restart_below: int = 3
-    # Bounds on each run's stepping, so the whole benchmark fits its 15 minutes;
+    # Bounds on each round's stepping, so the whole benchmark fits its 20 minutes;
     # a run cut short says so (``time_capped``).
     first_run_seconds: float = 55.0
     later_run_seconds: float = 30.0
@@ -75,7 +84,7 @@ class Plan:
 SMOKE_PLAN = Plan(
     rooms=4,
     room_size=10,
-    runs=1,
+    runs=2,
     min_rate=10.0,
     max_rate=20.0,
     rung_factor=2.0,
@@ -109,12 +118,14 @@ def _passed(step: dict, plan: Plan) -> bool:
 class Bench:
     """The measurements of one configuration on its running stack."""
 
-    def __init__(self, stack: LocalStack, plan: Plan):
+    def __init__(self, stack: LocalStack, plan: Plan, wire: str = "json", name: str = ""):
         self.stack = stack
         self.plan = plan
         self.replica_pids = {name: listening_pids(port) for name, port in stack.replica_ports.items()}
         self.cpu_groups = {**self.replica_pids, "redis": stack.redis.pids(), "nginx": listening_pids(stack.port)}
-        self.fleet = Fleet(stack.url)
+        self.fleet = Fleet(stack.url, wire=wire, name=name)
+        #: wall time spent measuring this configuration
+        self.seconds = 0.0
 
     # --- rate stepping ------------------------------------------------------
 
@@ -188,7 +199,7 @@ class Bench:
             step["repeat"] = repeat
             steps.append(step)
             log(
-                f"  run {run} {rate:>7.1f} msg/s: "
+                f"  round {run} {rate:>7.1f} msg/s: "
                 f"{'pass' if step['passed'] else 'FAIL'}{' (repeat)' if repeat else ''}  "
                 f"p99 {step['p99_ms']} ms, lost {step['lost']}, late {step['late']}, "
                 f"replicas {'/'.join(str(step['cpu'][name]) for name in self.replica_pids)} cores, "
@@ -218,7 +229,7 @@ class Bench:
         while index < len(ladder):
             if time.monotonic() > deadline:
                 time_capped = True
-                log(f"  run {run}: out of time, stopped")
+                log(f"  round {run}: out of time, stopped")
                 break
             step = await self.attempt(publishers, ladder[index], run, steps, log)
             if step["generator_saturated"] or step["sockets_closed"]:
@@ -326,42 +337,79 @@ class Bench:
         }
 
 
-async def measure(stack: LocalStack, plan: Plan, log) -> dict:
-    bench = Bench(stack, plan)
-    for number in range(plan.rooms):
-        await bench.fleet.open(f"bench-rate-{number}", plan.room_size)
-    log(f"  {plan.rooms * plan.room_size} sockets in {plan.rooms} rooms, spread {dict(bench.fleet.sockets_by_pod())}")
-    runs = []
+async def measure(benches: dict[str, Bench], plan: Plan, log) -> dict[str, dict]:
+    """Every configuration's measurements, the rate stepping interleaved round by round."""
+    for name, bench in benches.items():
+        for number in range(plan.rooms):
+            await bench.fleet.open(f"bench-rate-{number}", plan.room_size)
+        log(
+            f"{name}: {plan.rooms * plan.room_size} sockets in {plan.rooms} rooms, "
+            f"spread {dict(bench.fleet.sockets_by_pod())}"
+        )
+    runs: dict[str, list[dict]] = {name: [] for name in benches}
     for run in range(1, plan.runs + 1):
-        runs.append(await bench.run_rates(run, runs[0]["best_index"] if runs else None, log))
-    bests = [run["best"]["offered_rate"] for run in runs if run["best"]]
-    overload = await bench.overload(plan.overload_factor * statistics.median(bests), log) if bests else None
-    await bench.fleet.close()
-    broadcast = await bench.memory_and_broadcast(log)
-    await bench.fleet.close()
-    return {"runs": runs, "overload": overload, "memory_and_broadcast": broadcast}
+        log(f"round {run} of {plan.runs}: {' '.join(benches)}")
+        for name, bench in benches.items():
+            log(f" {name}")
+            started = time.monotonic()
+            first = runs[name][0]["best_index"] if runs[name] else None
+            runs[name].append(await bench.run_rates(run, first, log))
+            bench.seconds += time.monotonic() - started
+        bests = {name: runs[name][-1]["best"] for name in benches}
+        log(
+            f"round {run} best lossless rates: "
+            + ", ".join(f"{name} {best['offered_rate'] if best else 0:g}" for name, best in bests.items())
+        )
+    results = {}
+    for name, bench in benches.items():
+        started = time.monotonic()
+        bests = [run["best"]["offered_rate"] for run in runs[name] if run["best"]]
+        log(f" {name}")
+        overload = await bench.overload(plan.overload_factor * statistics.median(bests), log) if bests else None
+        bench.seconds += time.monotonic() - started
+        results[name] = {"runs": runs[name], "overload": overload}
+    for bench in benches.values():
+        await bench.fleet.close()
+    for name, bench in benches.items():
+        started = time.monotonic()
+        log(f" {name}: memory and broadcast")
+        results[name]["memory_and_broadcast"] = await bench.memory_and_broadcast(log)
+        await bench.fleet.close()
+        bench.seconds += time.monotonic() - started
+        results[name]["seconds"] = round(bench.seconds, 1)
+    return results
 
 
-def run_configuration(configuration: Configuration, plan: Plan, stack_log, log) -> dict:
-    started = time.monotonic()
-    with LocalStack(
-        replicas=3,
-        channel_layer=configuration.channel_layer,
-        env=configuration.env,
-        log=stack_log,
-        replica_command=configuration.replica_command,
-    ) as stack:
-        log(f"{configuration.name}: {configuration.summary} (stack up in {time.monotonic() - started:.0f} s)")
+def run_configurations(configurations: list[Configuration], plan: Plan, stack_log, log) -> list[dict]:
+    """Start a stack for every configuration, measure them all interleaved, stop them all."""
+    with ExitStack() as stacks:
+        benches: dict[str, Bench] = {}
+        for configuration in configurations:
+            started = time.monotonic()
+            stack = stacks.enter_context(
+                LocalStack(
+                    replicas=3,
+                    channel_layer=configuration.channel_layer,
+                    env=configuration.env,
+                    log=stack_log,
+                    replica_command=configuration.replica_command,
+                )
+            )
+            benches[configuration.name] = Bench(stack, plan, configuration.wire, configuration.name)
+            log(f"{configuration.name}: {configuration.summary} (stack up in {time.monotonic() - started:.0f} s)")
         # The generator on uvloop: less of the shared CPU for its own event loop.
-        result = uvloop.run(measure(stack, plan, log))
-    result.update(
-        name=configuration.name,
-        summary=configuration.summary,
-        channel_layer=configuration.channel_layer,
-        env=configuration.env,
-        seconds=round(time.monotonic() - started, 1),
-    )
-    return result
+        results = uvloop.run(measure(benches, plan, log))
+    return [
+        {
+            **results[configuration.name],
+            "name": configuration.name,
+            "summary": configuration.summary,
+            "channel_layer": configuration.channel_layer,
+            "env": configuration.env,
+            "wire": configuration.wire,
+        }
+        for configuration in configurations
+    ]
 
 
 def plan_dict(plan: Plan) -> dict:
