@@ -64,15 +64,20 @@ def certificate(tmp_path_factory):
     return self_signed(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture(scope="module")
-def tls_stack(certificate, tmp_path_factory):
+def tls_listener(certificate: tuple[Path, Path]) -> tuple[int, dict[str, str]]:
+    """A free port, and nginx's inputs for a TLS listener there with this certificate."""
+    port = free_port()
     cert, key = certificate
-    tls_port = free_port()
-    nginx_env = {
-        "NGINX_TLS_PORT": str(tls_port),
+    return port, {
+        "NGINX_TLS_PORT": str(port),
         "NGINX_TLS_CERTIFICATE": str(cert),
         "NGINX_TLS_CERTIFICATE_KEY": str(key),
     }
+
+
+@pytest.fixture(scope="module")
+def tls_stack(certificate):
+    tls_port, nginx_env = tls_listener(certificate)
     with checked_stack(replicas=2, nginx_env=nginx_env) as stack:
         yield stack, tls_port
 
@@ -162,22 +167,15 @@ def test_an_untrusted_peer_cannot_pick_its_address_or_scheme(proxied_stack):
 
 
 def test_proxy_protocol_on_the_tls_listener_names_the_client(certificate, tmp_path, monkeypatch):
-    cert, key = certificate
-    tls_port = free_port()
-    nginx_env = {
-        "NGINX_TLS_PORT": str(tls_port),
-        "NGINX_TLS_CERTIFICATE": str(cert),
-        "NGINX_TLS_CERTIFICATE_KEY": str(key),
-        "NGINX_REAL_IP_FROM": f"{TRUSTED_PROXY}/32",
-        "NGINX_REAL_IP_HEADER": "proxy_protocol",
-    }
+    tls_port, nginx_env = tls_listener(certificate)
+    nginx_env |= {"NGINX_REAL_IP_FROM": f"{TRUSTED_PROXY}/32", "NGINX_REAL_IP_HEADER": "proxy_protocol"}
     log_path = tmp_path / "stack.log"
     monkeypatch.setenv("LOG_ACCESS", "1")  # the stack shows nginx's access log
     with log_path.open("w") as log, checked_stack(replicas=1, nginx_env=nginx_env, log=log):
         with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
             # What an L4 load balancer prepends before the client's TLS bytes.
             raw.sendall(f"PROXY TCP4 203.0.113.9 127.0.0.1 40000 {tls_port}\r\n".encode())
-            with tls_context(cert).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            with tls_context(certificate[0]).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                 tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 answer = b""
                 while chunk := tls.recv(65536):
