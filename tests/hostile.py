@@ -20,6 +20,7 @@ import websockets
 
 from loadtest.fanout_check import percentile
 from loadtest.room_member import now_ms
+from tests.metrics import metric_sum, scrape  # noqa: F401 (the hostile tests import scrape from here)
 from tests.processes import Daphne
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -27,25 +28,6 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
 # --- metrics, memory -----------------------------------------------------------
-
-
-def scrape(port: int) -> str:
-    with _HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def metric_sum(port: int, name: str, **labels: str) -> float:
-    """Sum of every sample of ``name`` whose labels include ``labels``, from the
-    replica's own /metrics (never through nginx, which hides it)."""
-    total = 0.0
-    for line in scrape(port).splitlines():
-        match = _SAMPLE.match(line)
-        if not match or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(match.group(3))
-    return total
 
 
 def open_sockets(port: int) -> float:

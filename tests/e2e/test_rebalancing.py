@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-import urllib.request
 from collections import Counter
 
 import pytest
@@ -28,6 +27,7 @@ from realtime import rebalancing
 from loadtest.compose_stack import ComposeStack, docker_inspect, run
 from loadtest.fanout_check import FanoutReport, Message, publish_http, tally, wait_for_deliveries
 from loadtest.room_member import RoomMember
+from tests.metrics import metric_sum
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -70,24 +70,11 @@ def open_sockets(stack: ComposeStack) -> dict[str, int]:
     """Each running replica's blueprint_ws_open_sockets, read from its own /metrics."""
     counts = {}
     for name, container in stack.hostnames().items():
-        url = f"http://{stack.address(container)}:8000/metrics"
         try:
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            counts[name] = int(metric_sum(f"{stack.address(container)}:8000", "blueprint_ws_open_sockets"))
         except OSError:  # stopping, or not yet answering
             continue
-        counts[name] = int(
-            sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("blueprint_ws_open_"))
-        )
     return counts
-
-
-def metric(stack: ComposeStack, container: str, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://{stack.address(container)}:8000/metrics", timeout=5).read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items())
-    )
 
 
 def peak_per_second(times: list[float]) -> int:
@@ -158,7 +145,9 @@ async def test_scaling_3_to_5_converges_and_the_moved_members_lose_nothing(stack
         await asyncio.sleep(1)
         report = await publisher.finish(members)
         moved_by = {
-            name: metric(stack, container, "blueprint_ws_connections_refused_total", reason="rebalanced")
+            name: metric_sum(
+                f"{stack.address(container)}:8000", "blueprint_ws_connections_refused_total", reason="rebalanced"
+            )
             for name, container in stack.hostnames().items()
         }
     finally:
@@ -202,10 +191,13 @@ async def test_a_drain_sends_its_members_to_the_others_at_the_stated_rate(stack)
             await asyncio.sleep(0.2)
         all_back = all(member.connected for member in members)
         while loop.time() < deadline:  # the staying replicas count the drain within a few intervals
-            if metric(stack, staying, "blueprint_deployment_drains_total", outcome="completed") >= 1:
+            if (
+                metric_sum(f"{stack.address(staying)}:8000", "blueprint_deployment_drains_total", outcome="completed")
+                >= 1
+            ):
                 break
             await asyncio.sleep(0.5)
-        counted = metric(stack, staying, "blueprint_deployment_drains_total", outcome="completed")
+        counted = metric_sum(f"{stack.address(staying)}:8000", "blueprint_deployment_drains_total", outcome="completed")
         report = await publisher.finish(members)
     finally:
         await asyncio.gather(*(member.stop() for member in members), return_exceptions=True)

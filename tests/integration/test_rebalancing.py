@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 
 import pytest
 import redis
@@ -26,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from loadtest.fanout_check import FanoutReport, publish_http, tally, wait_for_deliveries
 from loadtest.room_member import RoomMember
 from tests.integration.running_stack import checked_stack
+from tests.metrics import metric_sum
 from tests.processes import Daphne, wait_for
 from tests.rawws import RawWebSocket
 
@@ -36,22 +36,14 @@ ROOMS = ("rebalance-a", "rebalance-b")
 MEMBERS = 40
 
 
-def metric(base: str, name: str, **labels: str) -> float:
-    """The sum of a metric's series with these labels, from a replica's /metrics."""
-    text = urllib.request.urlopen(f"http://{base}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_a_full_replica_hands_sockets_to_a_new_one_and_nothing_is_lost():
     with checked_stack(replicas=2, env=QUICK) as stack:
         full, new = (f"127.0.0.1:{port}" for port in stack.replica_ports.values())
         time.sleep(1.5)  # daphne-1's first look at the deployment's drain count
         stack.kill_replica("daphne-2", signal.SIGTERM)  # a drain of nothing: completed
-        wait_for(lambda: metric(full, "blueprint_deployment_drains_total", outcome="completed") == 1, 5, "the count")
+        wait_for(
+            lambda: metric_sum(full, "blueprint_deployment_drains_total", outcome="completed") == 1, 5, "the count"
+        )
 
         async def scenario():
             loop = asyncio.get_running_loop()
@@ -76,7 +68,7 @@ def test_a_full_replica_hands_sockets_to_a_new_one_and_nothing_is_lost():
             started = loop.time()
             # Mean 20, band max(1.2 x 20, 20 + 5) = 25: down to 25 on daphne-1, the rest on daphne-2.
             while loop.time() - started < 15:
-                counts = [metric(base, "blueprint_ws_open_sockets") for base in (full, new)]
+                counts = [metric_sum(base, "blueprint_ws_open_sockets") for base in (full, new)]
                 if counts[0] <= 25 and sum(counts) == MEMBERS:
                     break
                 await asyncio.sleep(0.2)
@@ -99,7 +91,7 @@ def test_a_full_replica_hands_sockets_to_a_new_one_and_nothing_is_lost():
         assert moved, "nothing was moved"
         assert {reconnect.lost.code for reconnect in moved} == {1012}
         assert all(reconnect.welcome.recovered is True for reconnect in moved), "a moved member was not recovered"
-        assert metric(full, "blueprint_ws_connections_refused_total", reason="rebalanced") == len(moved)
+        assert metric_sum(full, "blueprint_ws_connections_refused_total", reason="rebalanced") == len(moved)
         assert MEMBERS - 25 <= len(moved) <= MEMBERS // 2 + 5, f"{len(moved)} moved for 15 needed"
 
 
@@ -151,7 +143,7 @@ def test_a_drain_closes_in_batches_within_its_window_and_the_others_count_it(red
         assert peak <= bound + rebalancing.drain_schedule(sockets, timeout)[0]
         assert redis.Redis.from_url(redis_server.url).hget("asgi:replica-drains", "completed") == b"1"
         wait_for(
-            lambda: metric(staying.base, "blueprint_deployment_drains_total", outcome="completed") == 1,
+            lambda: metric_sum(staying.base, "blueprint_deployment_drains_total", outcome="completed") == 1,
             5,
             "the staying replica to count the drain",
         )
@@ -165,14 +157,14 @@ def test_a_drain_that_hits_its_timeout_is_counted_as_timed_out(redis_server):
         time.sleep(1)
         with Daphne(redis_server.url, name="daphne-drains", DRAIN_TIMEOUT_SECONDS="0.05") as drained:
             client = RawWebSocket("127.0.0.1", drained.port, "/ws/echo/", origin=drained.origin)
-            wait_for(lambda: metric(drained.base, "blueprint_ws_open_sockets") == 1, 5, "the socket to count")
+            wait_for(lambda: metric_sum(drained.base, "blueprint_ws_open_sockets") == 1, 5, "the socket to count")
             drained.process.send_signal(signal.SIGTERM)
             drained.process.wait(timeout=10)
             client.close()
         assert "drained 1 sockets; 1 still open at exit" in drained.output
         assert redis.Redis.from_url(redis_server.url).hget("asgi:replica-drains", "timed_out") == b"1"
         wait_for(
-            lambda: metric(staying.base, "blueprint_deployment_drains_total", outcome="timed_out") == 1,
+            lambda: metric_sum(staying.base, "blueprint_deployment_drains_total", outcome="timed_out") == 1,
             5,
             "the staying replica to count the timed-out drain",
         )

@@ -11,11 +11,11 @@ import asyncio
 import json
 import signal
 import socket
-import urllib.request
 
 import pytest
 import websockets
 
+from tests.metrics import metric_sum
 from tests.processes import Daphne
 
 pytestmark = pytest.mark.redis
@@ -129,15 +129,6 @@ def test_the_drain_close_does_not_wait_behind_a_slow_readers_queue(redis_server)
     assert received < sent * 0.8, "the close frame waited behind the queue"
 
 
-def metric(daphne: Daphne, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://{daphne.base}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_the_replica_wide_bound_cuts_the_slow_readers_and_spares_the_fast_one(redis_server):
     """Each slow reader stays under its own bound (16 MiB here), but together
     they pass the replica's (1 MiB): every one of them is closed, the reader
@@ -162,8 +153,8 @@ def test_the_replica_wide_bound_cuts_the_slow_readers_and_spares_the_fast_one(re
     limits = {**GENEROUS_LIMITS, "WS_MAX_PENDING_BYTES_TOTAL": str(1024 * 1024)}
     with Daphne(redis_server.url, CHANNEL_LAYER="redis-fanout", **limits) as daphne:
         echoed, codes = asyncio.run(scenario(daphne))
-        cut = metric(daphne, "blueprint_ws_connections_refused_total", reason="slow_consumer")
-        pending = metric(daphne, "blueprint_ws_pending_bytes")
+        cut = metric_sum(daphne.base, "blueprint_ws_connections_refused_total", reason="slow_consumer")
+        pending = metric_sum(daphne.base, "blueprint_ws_pending_bytes")
     assert echoed == sent, "the reader that keeps up lost frames"
     # 4000 when the close frame is read, 1006 when the reader was dropped for not answering it.
     assert all(code in (4000, 1006) for code in codes), codes
