@@ -29,6 +29,8 @@ SOURCE_ADDRESSES = [f"127.0.0.{host}" for host in range(2, 255)]
 # Handshake answers that mean "not now": retried with backoff.
 RETRY_STATUSES = {429, 502, 503, 504}
 CONNECT_ATTEMPTS = 5
+# The longest wait between two attempts of one socket.
+MAX_BACKOFF_SECONDS = 2.0
 # A generator busier than this share of its one core reads its sockets late.
 SATURATED_CPU = 0.9
 MESSAGE_TEXT = "benchmark message " + "x" * 46  # 64 characters: a chat line
@@ -127,13 +129,16 @@ class Member:
         if client is self.client and not self.fleet.closing:
             self.fleet.lost_sockets[str(client.close_code or "no close frame")] += 1
 
-    def publish(self, message_id: int) -> None:
+    def publish(self, message_id: int, owed: int | None = None) -> float | None:
+        """Send a message owed to ``owed`` members (default: the room's in this
+        fleet); returns when it was sent, None if the socket was closed."""
         if not self.client.open:
             self.fleet.errors["publish on a closed socket"] += 1
-            return
+            return None
         sent_at = time.monotonic()
-        self.fleet.ledger.owe(message_id, len(self.fleet.rooms[self.room]), sent_at)
+        self.fleet.ledger.owe(message_id, len(self.fleet.rooms[self.room]) if owed is None else owed, sent_at)
         self.client.send_text(self.encode(f'{{"message":"{MESSAGE_TEXT}","id":{message_id},"sent_at":{sent_at!r}}}'))
+        return sent_at
 
     @staticmethod
     def encode(message: str) -> str:
@@ -229,7 +234,7 @@ class Fleet:
 
         async def one(member: Member) -> None:
             async with gate:
-                await self._connect(member)
+                await self.connect(member)
 
         results = await asyncio.gather(*(one(member) for member in members), return_exceptions=True)
         failures = [result for result in results if isinstance(result, BaseException)]
@@ -242,9 +247,23 @@ class Fleet:
             )
         return members
 
-    async def _connect(self, member: Member) -> None:
+    async def connect(
+        self,
+        member: Member,
+        attempts: int | None = CONNECT_ATTEMPTS,
+        deadline: float | None = None,
+        refused: Counter | None = None,
+    ) -> None:
+        """Open ``member``'s socket and wait for its welcome, retrying a refusal
+        that means "not now" (and a timeout or a refused connection) with
+        jittered backoff: ``attempts`` times, or until the monotonic
+        ``deadline`` when ``attempts`` is None. ``refused`` counts each refusal
+        by its HTTP status (or ``timeout``, ``connection``)."""
         delay = 0.1
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
+            last = attempt == attempts or (deadline is not None and time.monotonic() + delay > deadline)
             try:
                 client = await connect(
                     self.host,
@@ -265,13 +284,17 @@ class Fleet:
                 member.client = client
                 return
             except HandshakeRefused as error:
-                if error.status not in RETRY_STATUSES or attempt == CONNECT_ATTEMPTS:
+                if refused is not None:
+                    refused[str(error.status)] += 1
+                if error.status not in RETRY_STATUSES or last:
                     raise
-            except (TimeoutError, OSError):
-                if attempt == CONNECT_ATTEMPTS:
+            except (TimeoutError, OSError) as error:
+                if refused is not None:
+                    refused["timeout" if isinstance(error, TimeoutError) else "connection"] += 1
+                if last:
                     raise
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay *= 2
+            delay = min(delay * 2, MAX_BACKOFF_SECONDS)
 
     async def repair(self) -> None:
         """Replace every member whose socket the server closed, so a run starts with full rooms."""

@@ -1,0 +1,191 @@
+"""The expensive moments, per configuration: a reconnect storm, and many idle sockets.
+
+**Reconnect storm.** ``storm_sockets`` chat members through nginx over 3
+replicas; the replica holding the most is killed with SIGKILL. Every member
+it held reconnects at once, each after its own random jitter of up to
+``STORM_JITTER_SECONDS`` and then with the generator's backoff (as the chat
+page's clients do), through nginx to the replicas left, each handshake a
+full consumer start. Measured: the time from the kill until the last dropped
+member is welcomed again; the most handshakes a surviving replica took in one
+second (from the welcomes, which name it); every refusal clients saw, by HTTP
+status or close code; and members never back within ``STORM_LIMIT_SECONDS``
+(refused for good). The members are new sockets in the same rooms: the storm
+measures reconnection, not resume (the chaos suite checks that).
+
+**Idle sockets.** ``idle_sockets`` members of one room, a third on each
+replica, straight to the replicas: nginx's two workers front at most 16,384
+sockets (nginx.conf.template), which the benchmark does not measure. The
+replicas' RSS before and after, over the sockets, is the memory an idle
+socket costs; then one member publishes once and all are owed it: the time
+until the last delivery, and how many never arrived.
+
+Each configuration runs on a stack of its own, one after the other (the
+sockets of two would not fit the machine at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from deploy.stack import LocalStack
+from loadtest.bench import procstats
+from loadtest.bench.configs import Configuration
+from loadtest.bench.loadgen import Fleet, Member
+
+# Members per room: rooms as the rate benchmark uses them.
+ROOM_SIZE = 100
+STORM_JITTER_SECONDS = 0.5
+STORM_LIMIT_SECONDS = 60.0
+# Handshakes in flight while the sockets are first opened (not during the storm: there, all at once).
+OPEN_CONCURRENCY = 200
+BROADCAST_LIMIT_SECONDS = 60.0
+# After the sockets open, how long the replicas' memory is left to settle before it is read.
+SETTLE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    storm_sockets: int = 10_000
+    idle_sockets: int = 50_000
+
+
+SMOKE_SCALE_PLAN = ScalePlan(storm_sockets=60, idle_sockets=90)
+
+
+@contextmanager
+def stack_for(configuration: Configuration, stack_log):
+    with LocalStack(
+        replicas=3,
+        channel_layer=configuration.channel_layer,
+        env=configuration.env,
+        log=stack_log,
+        replica_command=configuration.replica_command,
+    ) as stack:
+        yield stack
+
+
+async def open_rooms(fleet: Fleet, sockets: int, prefix: str) -> None:
+    for index in range(math.ceil(sockets / ROOM_SIZE)):
+        await fleet.open(f"{prefix}-{index}", min(ROOM_SIZE, sockets - index * ROOM_SIZE))
+
+
+async def storm(stack: LocalStack, configuration: Configuration, sockets: int) -> dict:
+    fleet = Fleet(stack.url, configuration.wire, configuration.name, concurrency=OPEN_CONCURRENCY, timeout=30)
+    await open_rooms(fleet, sockets, "storm")
+    held = fleet.sockets_by_pod()
+    victim = max(held, key=held.get)
+    dropped = [member for member in fleet.members if member.pod == victim]
+    back: list[tuple[float, str]] = []
+    refused: Counter = Counter()
+    never_back: list[str] = []
+
+    async def reconnect(member: Member) -> None:
+        await member.client.closed
+        await asyncio.sleep(random.uniform(0, STORM_JITTER_SECONDS))
+        again = fleet.member_kind(fleet, member.room)
+        try:
+            await fleet.connect(again, attempts=None, deadline=killed_at + STORM_LIMIT_SECONDS, refused=refused)
+        except Exception as error:  # counted, not raised: the storm's result says who never came back
+            never_back.append(repr(error))
+            return
+        back.append((time.monotonic(), again.pod))
+        fleet.rooms[member.room].append(again)
+
+    for member in dropped:
+        fleet.rooms[member.room].remove(member)
+    killed_at = time.monotonic()
+    stack.kill_replica(victim)
+    await asyncio.gather(*(reconnect(member) for member in dropped))
+    per_second: Counter = Counter((pod, int(at - killed_at)) for at, pod in back)
+    survivors = sorted(set(held) - {victim})
+    result = {
+        "sockets": sockets,
+        "killed": victim,
+        "dropped": len(dropped),
+        "reconnected": len(back),
+        "never_back": len(never_back),
+        "never_back_first": never_back[:1],
+        "all_back_seconds": round(max(at for at, _ in back) - killed_at, 2) if back else None,
+        "half_back_seconds": round(sorted(at for at, _ in back)[len(back) // 2] - killed_at, 2) if back else None,
+        "peak_handshakes_per_second": {
+            pod: max((n for (p, _), n in per_second.items() if p == pod), default=0) for pod in survivors
+        },
+        "refused": dict(refused),
+        "lost_sockets": dict(fleet.lost_sockets - Counter({"no close frame": len(dropped)})),
+    }
+    await fleet.close()
+    return result
+
+
+def replica_rss(stack: LocalStack) -> int:
+    return sum(procstats.rss_bytes(procstats.listening_pids(port)[0]) for port in stack.replica_ports.values())
+
+
+async def idle(stack: LocalStack, configuration: Configuration, sockets: int) -> dict:
+    before = replica_rss(stack)
+    fleets = [
+        Fleet(
+            f"http://127.0.0.1:{port}", configuration.wire, configuration.name, concurrency=OPEN_CONCURRENCY, timeout=60
+        )
+        for port in stack.replica_ports.values()
+    ]
+    started = time.monotonic()
+    share = [sockets // len(fleets) + (index < sockets % len(fleets)) for index in range(len(fleets))]
+    await asyncio.gather(*(fleet.open("idle", count) for fleet, count in zip(fleets, share, strict=True)))
+    opened_seconds = time.monotonic() - started
+    await asyncio.sleep(SETTLE_SECONDS)
+    after = replica_rss(stack)
+    # One ledger for all: the publish reaches every member of the room, on every replica.
+    ledger = fleets[0].measure()
+    for fleet in fleets[1:]:
+        fleet.ledger = ledger
+    publisher = fleets[0].rooms["idle"][0]
+    sent_at = publisher.publish(fleets[0].next_id(), owed=sockets)
+    deadline = time.monotonic() + BROADCAST_LIMIT_SECONDS
+    await fleets[0].settle(deadline)
+    result = {
+        "sockets": sockets,
+        "open_seconds": round(opened_seconds, 1),
+        "rss_before_mib": round(before / 2**20, 1),
+        "rss_after_mib": round(after / 2**20, 1),
+        "kib_per_socket": round((after - before) / sockets / 1024, 1),
+        "broadcast_last_delivery_seconds": round(ledger.last_arrival - sent_at, 3) if ledger.received else None,
+        "broadcast_lost": ledger.outstanding,
+        "broadcast_duplicates": ledger.duplicates,
+        "errors": dict(sum((fleet.errors for fleet in fleets), Counter())),
+    }
+    for fleet in fleets:
+        await fleet.close()
+    return result
+
+
+def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, log) -> dict[str, dict]:
+    """Storm and idle sockets for each configuration, each on a fresh stack."""
+    results = {}
+    for configuration in configurations:
+        with stack_for(configuration, stack_log) as stack:
+            storm_result = asyncio.run(storm(stack, configuration, plan.storm_sockets))
+        log(
+            f"{configuration.name}: storm of {storm_result['dropped']} dropped sockets back in "
+            f"{storm_result['all_back_seconds']} s, never back {storm_result['never_back']}, "
+            f"refused {storm_result['refused']}"
+        )
+        with stack_for(configuration, stack_log) as stack:
+            idle_result = asyncio.run(idle(stack, configuration, plan.idle_sockets))
+        log(
+            f"{configuration.name}: {plan.idle_sockets} idle sockets, {idle_result['kib_per_socket']} KiB each; "
+            f"broadcast to all in {idle_result['broadcast_last_delivery_seconds']} s, "
+            f"lost {idle_result['broadcast_lost']}"
+        )
+        results[configuration.name] = {"storm": storm_result, "idle": idle_result}
+    return results
+
+
+def plan_dict(plan: ScalePlan) -> dict:
+    return asdict(plan)
