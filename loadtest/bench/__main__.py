@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     log(report.targets_table(built))
     log("")
     log(report.peer_targets_table(built))
+    if report.failures_text(built):
+        log("")
+        log(report.failures_text(built))
     log(
         f"\nwritten: {', '.join(str(path) for path in paths.values())}; {meta['seconds']:.0f} s in all, "
         f"load average at the end {meta['load_average_end']}"
@@ -111,7 +114,7 @@ def smoke_verdict(built: dict) -> int:
     broken = [
         name
         for name, summary in built["summaries"].items()
-        if summary["runs_with_a_pass"] < summary["runs"] or summary["broadcast_lost"]
+        if summary["runs_with_a_pass"] < summary["runs"] or summary["broadcast_lost"] or summary["failures"]
     ]
     if broken:
         print(f"smoke run FAILED: not everything was delivered at the low rate by {', '.join(broken)}", file=sys.stderr)

@@ -174,7 +174,8 @@ class SocketIOMember(Member):
                 return
             self.on_frame(data, received_at)
         elif payload == b"2":  # Engine.IO PING: answered, or the server drops the socket
-            self.wire.send_text("3")
+            if self.wire.open and not self.wire.closing:
+                self.wire.send_text("3")
         elif payload.startswith(b"0"):  # Engine.IO OPEN: now join the default namespace
             self.wire.send_text("40")
         elif payload.startswith(b"40"):  # Socket.IO CONNECT accepted; the welcome event follows

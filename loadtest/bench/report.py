@@ -93,10 +93,12 @@ def summarize(result: dict) -> dict:
         "overload": {key: overload[key] for key in ("offered_rate", "owed", "lost", "lost_pct", "late", "p99_ms")}
         if overload
         else None,
-        "rss_kib_per_socket": broadcast["rss_kib_per_socket"],
-        "broadcast_sockets": broadcast["sockets"],
-        "broadcast_ms": _median([b["completion_ms"] for b in broadcast["broadcasts"]]),
-        "broadcast_lost": sum(b["lost"] for b in broadcast["broadcasts"]),
+        # None when that phase failed (``failures`` says why).
+        "rss_kib_per_socket": broadcast["rss_kib_per_socket"] if broadcast else None,
+        "broadcast_sockets": broadcast["sockets"] if broadcast else 0,
+        "broadcast_ms": _median([b["completion_ms"] for b in broadcast["broadcasts"]]) if broadcast else None,
+        "broadcast_lost": sum(b["lost"] for b in broadcast["broadcasts"]) if broadcast else None,
+        "failures": result.get("failures", []),
     }
 
 
@@ -125,7 +127,8 @@ def targets(summary: dict, baseline: dict, ladder: list[float], p99s: dict[float
         # over counts as met when a higher rate passed.
         "half_rate_met": half is not None
         and (p99s[half] <= TARGET_HALF_RATE_P99_MS if half in p99s else summary["max_rate"] >= half),
-        "memory_met": summary["rss_kib_per_socket"] <= TARGET_KIB_PER_SOCKET,
+        "memory_met": summary["rss_kib_per_socket"] is not None
+        and summary["rss_kib_per_socket"] <= TARGET_KIB_PER_SOCKET,
         "broadcast_met": (
             summary["broadcast_sockets"] >= TARGET_BROADCAST_SOCKETS
             and summary["broadcast_lost"] == 0
@@ -226,6 +229,8 @@ def table(report: dict) -> str:
         broadcast = f"{_fmt(summary['broadcast_ms'])} ms" + (
             f", {summary['broadcast_lost']} lost" if summary["broadcast_lost"] else ""
         )
+        if summary["failures"]:
+            bound += f" (**{len(summary['failures'])} phase(s) failed**: see below)"
         lines.append(
             f"| {summary['name']} | {_fmt(summary['max_rate'])}{bound} | {_fmt(summary['deliveries_per_s'])} "
             f"| {_spread(summary['ratios'].get(BASELINE))} | {_fmt(summary['p50_ms'])} / {_fmt(summary['p95_ms'])} / "
@@ -282,6 +287,16 @@ def rounds_table(report: dict) -> str:
             + " |"
         )
     return "\n".join(lines) if rounds else ""
+
+
+def failures_text(report: dict) -> str:
+    """The phases that could not be measured, by configuration, with why (the stacks' log has more)."""
+    lines = [
+        f"- {name}: {failure}"
+        for name, summary in report["summaries"].items()
+        for failure in summary.get("failures", [])
+    ]
+    return "Phases that failed (their figures are missing or 0 above):\n\n" + "\n".join(lines) if lines else ""
 
 
 def peer_targets_table(report: dict) -> str:
@@ -367,6 +382,8 @@ def markdown(report: dict, plot_name: str) -> str:
             targets_table(report),
             "",
             peer_targets_table(report),
+            "",
+            failures_text(report),
             "",
             f"![p99 fan-out latency against offered rate]({plot_name})",
             "",

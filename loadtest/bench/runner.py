@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 
 import uvloop
 
-from deploy.stack import LocalStack
+from deploy.stack import LocalStack, probe
 from loadtest.bench.configs import Configuration
-from loadtest.bench.loadgen import SATURATED_CPU, CpuClock, Fleet, Ledger, interleaved, offer
+from loadtest.bench.loadgen import SATURATED_CPU, ConnectError, CpuClock, Fleet, Ledger, interleaved, offer
 from loadtest.bench.procstats import CpuMeter, listening_pids, rss_bytes
 
 BROADCAST_ROOM = "bench-broadcast"
@@ -288,8 +288,27 @@ class Bench:
 
     # --- memory and broadcast -----------------------------------------------
 
+    async def replicas_ready(self, log, timeout: float = 60.0) -> None:
+        """Until every replica's /readyz answers 200: a replica that closed hundreds of
+        sockets at once may refuse handshakes (503) while it catches up."""
+        deadline = time.monotonic() + timeout
+        waiting = dict(self.stack.replica_ports)
+        while waiting and time.monotonic() < deadline:
+            for name, port in list(waiting.items()):
+                status, _ = await asyncio.to_thread(probe, f"http://127.0.0.1:{port}/readyz", 1.0)
+                if status == 200:
+                    del waiting[name]
+            if waiting:
+                await asyncio.sleep(0.5)
+        if waiting:
+            log(f"  not ready after {timeout:g} s: {', '.join(waiting)} (going on)")
+
     async def memory_and_broadcast(self, log) -> dict:
         plan, fleet = self.plan, self.fleet
+        waited = time.monotonic()
+        await self.replicas_ready(log)
+        if time.monotonic() - waited > 1.0:
+            log(f"  waited {time.monotonic() - waited:.1f} s for every replica to be ready")
         samples, per_replica = [], {}
         batch = plan.broadcast_sockets // plan.memory_batches
         for number in range(plan.memory_batches):
@@ -347,13 +366,21 @@ async def measure(benches: dict[str, Bench], plan: Plan, log) -> dict[str, dict]
             f"spread {dict(bench.fleet.sockets_by_pod())}"
         )
     runs: dict[str, list[dict]] = {name: [] for name in benches}
+    # A configuration whose sockets cannot be (re)opened in one phase is
+    # reported with why; the others' measurements go on.
+    failures: dict[str, list[str]] = {name: [] for name in benches}
     for run in range(1, plan.runs + 1):
         log(f"round {run} of {plan.runs}: {' '.join(benches)}")
         for name, bench in benches.items():
             log(f" {name}")
             started = time.monotonic()
-            first = runs[name][0]["best_index"] if runs[name] else None
-            runs[name].append(await bench.run_rates(run, first, log))
+            first = runs[name][0]["best_index"] if runs[name] and runs[name][0]["best"] else None
+            try:
+                runs[name].append(await bench.run_rates(run, first, log))
+            except ConnectError as error:
+                log(f"  round {run}: FAILED, {error}")
+                failures[name].append(f"round {run}: {error}")
+                runs[name].append(_failed_run(run))
             bench.seconds += time.monotonic() - started
         bests = {name: runs[name][-1]["best"] for name in benches}
         log(
@@ -365,7 +392,13 @@ async def measure(benches: dict[str, Bench], plan: Plan, log) -> dict[str, dict]
         started = time.monotonic()
         bests = [run["best"]["offered_rate"] for run in runs[name] if run["best"]]
         log(f" {name}")
-        overload = await bench.overload(plan.overload_factor * statistics.median(bests), log) if bests else None
+        overload = None
+        if bests:
+            try:
+                overload = await bench.overload(plan.overload_factor * statistics.median(bests), log)
+            except ConnectError as error:
+                log(f"  overload: FAILED, {error}")
+                failures[name].append(f"overload: {error}")
         bench.seconds += time.monotonic() - started
         results[name] = {"runs": runs[name], "overload": overload}
     for bench in benches.values():
@@ -373,11 +406,29 @@ async def measure(benches: dict[str, Bench], plan: Plan, log) -> dict[str, dict]
     for name, bench in benches.items():
         started = time.monotonic()
         log(f" {name}: memory and broadcast")
-        results[name]["memory_and_broadcast"] = await bench.memory_and_broadcast(log)
+        try:
+            results[name]["memory_and_broadcast"] = await bench.memory_and_broadcast(log)
+        except ConnectError as error:
+            log(f"  memory and broadcast: FAILED, {error}")
+            failures[name].append(f"memory and broadcast: {error}")
+            results[name]["memory_and_broadcast"] = None
         await bench.fleet.close()
         bench.seconds += time.monotonic() - started
-        results[name]["seconds"] = round(bench.seconds, 1)
+        results[name].update(seconds=round(bench.seconds, 1), failures=failures[name])
     return results
+
+
+def _failed_run(run: int) -> dict:
+    return {
+        "run": run,
+        "best": None,
+        "best_index": None,
+        "first_failure_above": None,
+        "generator_bound": False,
+        "time_capped": False,
+        "failed": True,
+        "steps": [],
+    }
 
 
 def run_configurations(configurations: list[Configuration], plan: Plan, stack_log, log) -> list[dict]:

@@ -5,6 +5,7 @@ from loadtest.bench.loadgen import Fleet, SocketIOMember
 
 class FakeWire:
     open = True
+    closing = False
 
     def __init__(self):
         self.sent: list[str] = []
