@@ -228,14 +228,22 @@ class Fleet:
     def sockets_by_pod(self, members: list[Member] | None = None) -> Counter:
         return Counter(member.pod for member in (self.members if members is None else members))
 
-    async def open(self, room: str, count: int) -> list[Member]:
-        """``count`` more members of ``room``, each welcomed before this returns."""
+    async def open(
+        self, room: str, count: int, within: float | None = None, refused: Counter | None = None
+    ) -> list[Member]:
+        """``count`` more members of ``room``, each welcomed before this returns.
+        With ``within`` (seconds), a refused socket is retried until then rather
+        than ``CONNECT_ATTEMPTS`` times; ``refused`` counts the refusals."""
         gate = asyncio.Semaphore(self.concurrency)
         members = [self.member_kind(self, room) for _ in range(count)]
+        deadline = None if within is None else time.monotonic() + within
 
         async def one(member: Member) -> None:
             async with gate:
-                await self.connect(member)
+                if deadline is None:
+                    await self.connect(member, refused=refused)
+                else:
+                    await self.connect(member, attempts=None, deadline=deadline, refused=refused)
 
         results = await asyncio.gather(*(one(member) for member in members), return_exceptions=True)
         failures = [result for result in results if isinstance(result, BaseException)]

@@ -72,6 +72,10 @@ class Plan:
     memory_batches: int = 3
     broadcasts: int = 3
     broadcast_timeout: float = 15.0
+    # How long a memory batch retries refused handshakes: a Daphne replica that
+    # the rebalancing census finds above the band refuses new sockets (503)
+    # for two 10 s intervals, which a bulk open can trigger.
+    memory_open_seconds: float = 60.0
 
     def ladder(self) -> list[float]:
         rates, rate = [], self.min_rate
@@ -310,11 +314,12 @@ class Bench:
         if time.monotonic() - waited > 1.0:
             log(f"  waited {time.monotonic() - waited:.1f} s for every replica to be ready")
         samples, per_replica = [], {}
+        refused: Counter = Counter()
         batch = plan.broadcast_sockets // plan.memory_batches
         for number in range(plan.memory_batches):
             before = {name: rss_bytes(pids[0]) for name, pids in self.replica_pids.items()}
             opened_at = time.monotonic()
-            members = await fleet.open(BROADCAST_ROOM, batch)
+            members = await fleet.open(BROADCAST_ROOM, batch, within=plan.memory_open_seconds, refused=refused)
             opened_in = time.monotonic() - opened_at
             await asyncio.sleep(0.5)  # let the replicas finish what each handshake started
             on = fleet.sockets_by_pod(members)
@@ -323,7 +328,10 @@ class Bench:
                 if on[name]:
                     samples.append(growth / on[name])
                     per_replica.setdefault(name, []).append(round(growth / on[name] / 1024, 2))
-            log(f"  batch {number + 1}: {batch} sockets in {opened_in:.1f} s, spread {dict(on)}")
+            log(
+                f"  batch {number + 1}: {batch} sockets in {opened_in:.1f} s, spread {dict(on)}"
+                + (f", handshakes refused so far {dict(refused)}" if refused else "")
+            )
         sockets = len(fleet.rooms[BROADCAST_ROOM])
         broadcasts = []
         for number in range(plan.broadcasts):
@@ -352,6 +360,8 @@ class Bench:
             "sockets_by_replica": dict(fleet.sockets_by_pod(fleet.rooms[BROADCAST_ROOM])),
             "rss_kib_per_socket_samples": per_replica,
             "rss_kib_per_socket": round(statistics.median(samples) / 1024, 2),
+            # Refused handshakes, retried: by HTTP status (or timeout, connection).
+            "handshakes_refused": dict(refused),
             "broadcasts": broadcasts,
         }
 
