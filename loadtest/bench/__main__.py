@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from deploy.stack import StackError, nginx_binary
-from loadtest.bench import procstats, report
+from loadtest.bench import procstats, report, scale
 from loadtest.bench.configs import CONFIGURATIONS, by_name
 from loadtest.bench.loadgen import ConnectError
 from loadtest.bench.runner import SMOKE_PLAN, Plan, plan_dict, run_configurations
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="output path without suffix (default loadtest/reports/bench or bench-smoke)"
     )
     parser.add_argument("--stack-log", type=Path, help="the stacks' own output (default: next to --out, .stack.log)")
+    parser.add_argument(
+        "--no-scale", action="store_true", help="skip the reconnect storm and the idle sockets (bench/scale.py)"
+    )
     args = parser.parse_args(argv)
     try:
         configurations = by_name([name.strip() for name in args.configs.split(",") if name.strip()])
@@ -59,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     stack_log_path = args.stack_log or out.with_suffix(".stack.log")
     stack_log_path.parent.mkdir(parents=True, exist_ok=True)
 
+    scale_plan = scale.SMOKE_SCALE_PLAN if args.smoke else scale.ScalePlan()
+    wanted = scale.SMOKE_SCALE_CONFIGURATIONS if args.smoke else scale.SCALE_CONFIGURATIONS
+    scale_configurations = [] if args.no_scale else [c for c in configurations if c.name in wanted]
+
     # Every configuration's rate rooms stay open through the rounds; one broadcast room at a time.
+    # The idle sockets come after, on a stack of their own.
     sockets = plan.broadcast_sockets + plan.rooms * plan.room_size * len(configurations)
+    if scale_configurations:
+        sockets = max(sockets, scale_plan.idle_sockets, scale_plan.storm_sockets)
     limit = procstats.raise_open_file_limit(sockets * 2 + SPARE_FILES)
     if limit < sockets + SPARE_FILES:
         print(f"the open-file limit is {limit}: too low for {sockets} sockets (raise `ulimit -n`)", file=sys.stderr)
@@ -83,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     with open(stack_log_path, "w") as stack_log:
         try:
             results = run_configurations(configurations, plan, stack_log, log)
+            scale_results = scale.run_scale(scale_configurations, scale_plan, stack_log, log)
         except (StackError, ConnectError) as error:
             print(f"the benchmark failed: {error} (see {stack_log_path})", file=sys.stderr)
             return 1
     meta.update(load_average_end=procstats.load_average(), seconds=round(time.monotonic() - started, 1))
     built = report.build(results, meta)
+    if scale_results:
+        built["scale"] = {"plan": scale.plan_dict(scale_plan), "results": scale_results}
     paths = report.write(built, out)
     log("")
     log(report.table(built))
@@ -97,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     log(report.targets_table(built))
     log("")
     log(report.peer_targets_table(built))
+    if scale_results:
+        log("")
+        log(scale.table(scale_results))
     if report.failures_text(built):
         log("")
         log(report.failures_text(built))

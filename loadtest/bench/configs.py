@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from deploy.stack import LocalStack
+
 BASELINE = "raw"
 DEFAULT = "daphne-fanout"
 NO_HISTORY = "daphne-fanout-nohistory"
@@ -68,6 +70,24 @@ CONFIGURATIONS = [
     ),
     Configuration(LIMIT, "the Python limit: picows + redis.asyncio pub/sub on uvloop", replica_command=picows_replica),
 ]
+
+
+# The benchmark places sockets on purpose (a memory batch on one replica at a
+# time, the idle sockets a third on each): the replicas' rebalancing would
+# refuse or move them, measuring itself instead (README, Rebalancing).
+BENCH_ENV = {"REBALANCE": "0"}
+
+
+def start_stack(configuration: Configuration, log) -> LocalStack:
+    """A local stack for the configuration: 3 replicas behind nginx, its output to ``log``.
+    Use it as a context manager, which starts and stops it."""
+    return LocalStack(
+        replicas=3,
+        channel_layer=configuration.channel_layer,
+        env={**BENCH_ENV, **configuration.env},
+        log=log,
+        replica_command=configuration.replica_command,
+    )
 
 
 def by_name(names: list[str]) -> list[Configuration]:

@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from loadtest.bench import scale
 from loadtest.bench.configs import BASELINE, DEFAULT, LIMIT, NO_HISTORY, PEER
 
 # Every configuration's ratios are taken, round by round, to these of the same run.
@@ -385,10 +386,26 @@ def markdown(report: dict, plot_name: str) -> str:
             "",
             failures_text(report),
             "",
+            *scale_section(report),
             f"![p99 fan-out latency against offered rate]({plot_name})",
             "",
         ]
     )
+
+
+def scale_section(report: dict) -> list[str]:
+    """The expensive moments (loadtest/bench/scale.py), when they ran."""
+    if not report.get("scale"):
+        return []
+    plan = report["scale"]["plan"]
+    return [
+        f"Reconnect storm: {plan['storm_sockets']} sockets through nginx over 3 replicas, the busiest killed with "
+        f"SIGKILL, its members back at once (each after up to {scale.STORM_JITTER_SECONDS:g} s of jitter). Idle: "
+        f"{plan['idle_sockets']} sockets straight to the replicas, a third on each, then one message to them all.",
+        "",
+        scale.table(report["scale"]["results"]),
+        "",
+    ]
 
 
 def plot(report: dict, path: Path) -> None:

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import uvloop
 
 from deploy.stack import LocalStack, probe
-from loadtest.bench.configs import Configuration
+from loadtest.bench.configs import Configuration, start_stack
 from loadtest.bench.loadgen import SATURATED_CPU, ConnectError, CpuClock, Fleet, Ledger, interleaved, offer
 from loadtest.bench.procstats import CpuMeter, listening_pids, rss_bytes
 
@@ -447,15 +447,7 @@ def run_configurations(configurations: list[Configuration], plan: Plan, stack_lo
         benches: dict[str, Bench] = {}
         for configuration in configurations:
             started = time.monotonic()
-            stack = stacks.enter_context(
-                LocalStack(
-                    replicas=3,
-                    channel_layer=configuration.channel_layer,
-                    env=configuration.env,
-                    log=stack_log,
-                    replica_command=configuration.replica_command,
-                )
-            )
+            stack = stacks.enter_context(start_stack(configuration, stack_log))
             benches[configuration.name] = Bench(stack, plan, configuration.wire, configuration.name)
             log(f"{configuration.name}: {configuration.summary} (stack up in {time.monotonic() - started:.0f} s)")
         # The generator on uvloop: less of the shared CPU for its own event loop.

@@ -30,12 +30,11 @@ import math
 import random
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from deploy.stack import LocalStack
 from loadtest.bench import procstats
-from loadtest.bench.configs import Configuration
+from loadtest.bench.configs import BASELINE, DEFAULT, LIMIT, PEER, Configuration, start_stack
 from loadtest.bench.loadgen import Fleet, Member
 
 # Members per room: rooms as the rate benchmark uses them.
@@ -56,18 +55,10 @@ class ScalePlan:
 
 
 SMOKE_SCALE_PLAN = ScalePlan(storm_sockets=60, idle_sockets=90)
-
-
-@contextmanager
-def stack_for(configuration: Configuration, stack_log):
-    with LocalStack(
-        replicas=3,
-        channel_layer=configuration.channel_layer,
-        env=configuration.env,
-        log=stack_log,
-        replica_command=configuration.replica_command,
-    ) as stack:
-        yield stack
+# The default against its peers and the two references; the smoke run takes
+# one of each wire (the blueprint's JSON, Socket.IO).
+SCALE_CONFIGURATIONS = (DEFAULT, PEER, LIMIT, BASELINE)
+SMOKE_SCALE_CONFIGURATIONS = (DEFAULT, PEER)
 
 
 async def open_rooms(fleet: Fleet, sockets: int, prefix: str) -> None:
@@ -169,14 +160,14 @@ def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, l
     """Storm and idle sockets for each configuration, each on a fresh stack."""
     results = {}
     for configuration in configurations:
-        with stack_for(configuration, stack_log) as stack:
+        with start_stack(configuration, stack_log) as stack:
             storm_result = asyncio.run(storm(stack, configuration, plan.storm_sockets))
         log(
             f"{configuration.name}: storm of {storm_result['dropped']} dropped sockets back in "
             f"{storm_result['all_back_seconds']} s, never back {storm_result['never_back']}, "
             f"refused {storm_result['refused']}"
         )
-        with stack_for(configuration, stack_log) as stack:
+        with start_stack(configuration, stack_log) as stack:
             idle_result = asyncio.run(idle(stack, configuration, plan.idle_sockets))
         log(
             f"{configuration.name}: {plan.idle_sockets} idle sockets, {idle_result['kib_per_socket']} KiB each; "
@@ -189,3 +180,23 @@ def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, l
 
 def plan_dict(plan: ScalePlan) -> dict:
     return asdict(plan)
+
+
+def table(results: dict[str, dict]) -> str:
+    """The markdown table of the expensive moments, one row per configuration."""
+    rows = [
+        "| configuration | storm: dropped | all back in | half back in | peak handshakes/s per survivor "
+        "| refusals seen | never back | idle sockets | KiB per idle socket | broadcast to all: last delivery | lost |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in results.items():
+        storm_result, idle_result = result["storm"], result["idle"]
+        peaks = " / ".join(str(n) for n in storm_result["peak_handshakes_per_second"].values())
+        refusals = ", ".join(f"{k}: {v}" for k, v in storm_result["refused"].items()) or "none"
+        rows.append(
+            f"| {name} | {storm_result['dropped']} of {storm_result['sockets']} | {storm_result['all_back_seconds']} s "
+            f"| {storm_result['half_back_seconds']} s | {peaks} | {refusals} | {storm_result['never_back']} "
+            f"| {idle_result['sockets']} | {idle_result['kib_per_socket']} "
+            f"| {idle_result['broadcast_last_delivery_seconds']} s | {idle_result['broadcast_lost']} |"
+        )
+    return "\n".join(rows)

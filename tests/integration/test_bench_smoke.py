@@ -16,7 +16,7 @@ from loadtest.bench import report as bench_report
 from loadtest.bench.configs import BASELINE, CONFIGURATIONS, DEFAULT, LIMIT, NO_HISTORY, PEER
 from loadtest.bench.loadgen import Ledger
 
-SMOKE_TIMEOUT = 300  # seven configurations, two rounds, on a shared 2-core host
+SMOKE_TIMEOUT = 420  # seven configurations, two rounds, two storms, on a shared 2-core host
 
 
 @pytest.mark.stack
@@ -37,6 +37,19 @@ def test_bench_smoke_measures_every_configuration_and_delivers_everything_at_its
     assert {PEER, LIMIT, BASELINE, DEFAULT, NO_HISTORY} <= set(names)
     rounds = report["plan"]["runs"]
     assert rounds == 2
+    # The expensive moments, one configuration of each wire: a storm that all came back from, idle sockets
+    # whose memory was read and that all got the broadcast.
+    scaled = report["scale"]["results"]
+    assert list(scaled) == [DEFAULT, PEER]
+    for name, moments in scaled.items():
+        storm, idle = moments["storm"], moments["idle"]
+        assert storm["dropped"] > 0 and storm["reconnected"] == storm["dropped"] and storm["never_back"] == 0, name
+        survivors = storm["peak_handshakes_per_second"]
+        assert len(survivors) == 2 and storm["killed"] not in survivors, name
+        assert idle["sockets"] == report["scale"]["plan"]["idle_sockets"] and idle["kib_per_socket"] > 0, name
+        assert idle["broadcast_lost"] == idle["broadcast_duplicates"] == 0, name
+        assert idle["broadcast_last_delivery_seconds"] is not None, name
+    assert "| storm: dropped |" in out.with_suffix(".md").read_text()
     assert report["machine"]["cores"] and report["machine"]["cpu_model"] and report["machine"]["packages"]["channels"]
     for result_of in report["results"]:
         name = result_of["name"]
