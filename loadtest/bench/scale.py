@@ -20,21 +20,28 @@ socket costs; then one member publishes once and all are owed it: the time
 until the last delivery, and how many never arrived.
 
 Each configuration runs on a stack of its own, one after the other (the
-sockets of two would not fit the machine at once).
+sockets of two would not fit the machine at once). ``make bench`` runs this
+after the rate rounds; alone:
+
+    python -m loadtest.bench.scale [--smoke] [--configs daphne-fanout,socketio] [--out loadtest/reports/bench-scale]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import math
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from deploy.stack import LocalStack
+from deploy.stack import LocalStack, nginx_binary
 from loadtest.bench import procstats
-from loadtest.bench.configs import BASELINE, DEFAULT, LIMIT, PEER, Configuration, start_stack
+from loadtest.bench.configs import BASELINE, DEFAULT, LIMIT, PEER, Configuration, by_name, start_stack
 from loadtest.bench.loadgen import Fleet, Member
 
 # Members per room: rooms as the rate benchmark uses them.
@@ -200,3 +207,37 @@ def table(results: dict[str, dict]) -> str:
             f"| {idle_result['broadcast_last_delivery_seconds']} s | {idle_result['broadcast_lost']} |"
         )
     return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small numbers")
+    parser.add_argument("--configs", help="comma-separated configuration names (default: the default, its peers, raw)")
+    parser.add_argument("--out", type=Path, default=Path("loadtest/reports/bench-scale"), help="path without suffix")
+    args = parser.parse_args(argv)
+    plan = SMOKE_SCALE_PLAN if args.smoke else ScalePlan()
+    default_names = SMOKE_SCALE_CONFIGURATIONS if args.smoke else SCALE_CONFIGURATIONS
+    configurations = by_name(args.configs.split(",") if args.configs else list(default_names))
+    sockets = max(plan.idle_sockets, plan.storm_sockets)
+    limit = procstats.raise_open_file_limit(sockets * 2 + 2048)
+    if limit < sockets + 2048:
+        print(f"the open-file limit is {limit}: too low for {sockets} sockets (raise `ulimit -n`)", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(args.out.with_suffix(".stack.log"), "w") as stack_log:
+        results = run_scale(configurations, plan, stack_log, lambda line: print(line, flush=True))
+    built = {
+        "machine": procstats.machine(nginx_binary()),
+        "plan": plan_dict(plan),
+        "seconds": round(time.monotonic() - started, 1),
+        "results": results,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(built, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table(results) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
