@@ -25,7 +25,7 @@ from loadtest.bench.runner import SMOKE_PLAN, Plan, plan_dict, run_configuration
 REPORTS = Path("loadtest/reports")
 # Each process has its own limit: the generator holds one file per socket, an
 # nginx worker two per socket it proxies (its share of them), a replica one.
-SPARE_FILES = 2048
+SPARE_FILES = scale.SPARE_FILES
 
 
 def _exit_on_signal(signum, frame):
@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     # Every configuration's rate rooms stay open through the rounds; one broadcast room at a time.
     # The idle sockets come after, on a stack of their own.
     sockets = plan.broadcast_sockets + plan.rooms * plan.room_size * len(configurations)
+    wanted_files = max(sockets, scale_plan.idle_sockets, scale_plan.storm_sockets) * 2 + SPARE_FILES
+    limit = procstats.raise_open_file_limit(wanted_files)
     if scale_configurations:
-        sockets = max(sockets, scale_plan.idle_sockets, scale_plan.storm_sockets)
-    limit = procstats.raise_open_file_limit(sockets * 2 + SPARE_FILES)
+        scale_plan = scale.fit_to_open_files(scale_plan, limit, log)
     if limit < sockets + SPARE_FILES:
         print(f"the open-file limit is {limit}: too low for {sockets} sockets (raise `ulimit -n`)", file=sys.stderr)
         return 2
