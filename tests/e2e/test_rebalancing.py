@@ -220,11 +220,15 @@ async def test_a_drain_sends_its_members_to_the_others_at_the_stated_rate(stack)
     assert len(drained) == sockets, f"{len(drained)} of the {sockets} members reconnected"
     assert {r.lost.code for r in drained} == {1001}
     assert all(r.welcome.pod != victim for r in drained)
-    # Closed in batches, not at once. The slack: a tick's batch at the edge of
-    # a second, and one for the clients' reconnect jitter (up to 50 ms) or a
-    # tick the loop ran late and the next caught up.
+    # Closed in batches, not at once: the replica's own rate, with a tick's
+    # batch of slack at the edge of a second.
     assert closing_peak <= bound + batch, f"{closing_peak} closes in a second, bound {bound}"
-    assert peak <= bound + 2 * batch, f"{peak} reconnects in a second, bound {bound}"
+    # What the others see adds each client's own way back (its jitter, its
+    # handshake on a loaded host): a second of arrivals comes from the closes
+    # of a second plus that delay. All at once would be every member in one.
+    delay = max(arrival - close for arrival, close in zip(arrivals, closes, strict=True))
+    assert delay < 2, f"a member took {delay:.2f} s to get back in"
+    assert peak <= bound * (1 + delay) + batch, f"{peak} reconnects in a second, bound {bound}, delay {delay:.2f} s"
     if sockets > batch:
         assert max(closes) >= rebalancing.DRAIN_TICK_SECONDS, "every socket was closed at once"
     assert max(closes) <= rebalancing.drain_window(DRAIN_TIMEOUT_SECONDS) + 1
