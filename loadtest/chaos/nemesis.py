@@ -131,13 +131,13 @@ def rolling_restart() -> Fault:
 
 def scale(steps: tuple[int, ...] = (5, 2, 3), pause: float = 10.0) -> Fault:
     async def fault(chaos: Chaos) -> Window:
-        # No reload: nginx re-resolves `daphne` within 5 s of each change.
-        window = Window(f"scale {chaos.replicas} → {' → '.join(map(str, steps))}", "scale", time.time())
+        window = Window(f"scale {chaos.replicas} → {' → '.join(map(str, steps))} (nginx reloads)", "scale", time.time())
         for count in steps:
             await asyncio.to_thread(chaos.stack.make, "scale", N=count)
             chaos.replicas = count
             window.notes.append(f"{count} replicas at +{time.time() - window.start:.0f} s")
             await asyncio.sleep(pause)
+        await old_nginx_workers_gone(chaos, window)
         window.end = time.time()
         return window
 
