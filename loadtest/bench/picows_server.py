@@ -16,12 +16,9 @@ what remains is redis-py's pub/sub parser and JSON.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import re
-import signal
 from http import HTTPStatus
 
 import uvloop
@@ -37,15 +34,17 @@ from picows import (
     ws_create_server,
 )
 from realtime import protocol
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from loadtest.bench import reference_server
+from loadtest.bench.reference_server import server_settings, stop_on_signals
 
 CHAT_PATH = re.compile(r"/ws/chat/([^/]+)/")
 # The Daphne replicas' keepalive (ping after 20 s, 30 s for the pong), as near
 # as picows allows: its pong timeout may not exceed its ping interval.
 PING_INTERVAL = 20
 PING_TIMEOUT = 20
-REDIS_CONNECTIONS = 50
 
 
 class Member(WSListener):
@@ -166,22 +165,12 @@ class PicowsFanoutServer:
 
 
 async def serve_forever(host: str, port: int) -> None:
-    server_state = PicowsFanoutServer(
-        pod=os.environ.get("POD_NAME", "picows"),
-        redis=Redis(
-            connection_pool=BlockingConnectionPool.from_url(os.environ["REDIS_URL"], max_connections=REDIS_CONNECTIONS)
-        ),
-        prefix=os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
-        max_message_bytes=int(os.environ.get("WS_MAX_MESSAGE_BYTES", 64 * 1024)),
-    )
+    server_state = PicowsFanoutServer(**server_settings("picows"))
     try:
         await asyncio.wait_for(server_state.redis.ping(), 10.0)
     except (TimeoutError, OSError, RedisError) as error:
         raise SystemExit(f"Redis does not answer: {error!r}") from None
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+    stop = stop_on_signals()
     server = await ws_create_server(
         server_state.route,
         host,
@@ -196,11 +185,7 @@ async def serve_forever(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
-    uvloop.run(serve_forever(args.host, args.port))
+    reference_server.main(__doc__.splitlines()[0], serve_forever, uvloop.run, argv)
 
 
 if __name__ == "__main__":

@@ -14,24 +14,23 @@ every local member. This is the practical limit of Python on the machine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import re
-import signal
 
 from realtime import protocol
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+
+from loadtest.bench import reference_server
+from loadtest.bench.reference_server import server_settings, stop_on_signals
 
 CHAT_PATH = re.compile(r"/ws/chat/([^/]+)/")
 # The same keepalive the Daphne replicas run with.
 PING_INTERVAL = 20
 PING_TIMEOUT = 30
-REDIS_CONNECTIONS = 50
 
 
 class RawFanoutServer:
@@ -121,20 +120,8 @@ class RawFanoutServer:
 
 
 async def serve_forever(host: str, port: int) -> None:
-    server_state = RawFanoutServer(
-        pod=os.environ.get("POD_NAME", "raw"),
-        # Publishes wait for a free connection instead of failing: redis-py's
-        # default pool raises MaxConnectionsError past 100 at once, which under
-        # overload killed publishing sockets with 1011.
-        redis=Redis(
-            connection_pool=BlockingConnectionPool.from_url(os.environ["REDIS_URL"], max_connections=REDIS_CONNECTIONS)
-        ),
-        prefix=os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
-        max_message_bytes=int(os.environ.get("WS_MAX_MESSAGE_BYTES", 64 * 1024)),
-    )
-    stop = asyncio.get_running_loop().create_future()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+    server_state = RawFanoutServer(**server_settings("raw"))
+    stop = stop_on_signals()
     async with serve(
         server_state.handle,
         host,
@@ -149,11 +136,7 @@ async def serve_forever(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
-    asyncio.run(serve_forever(args.host, args.port))
+    reference_server.main(__doc__.splitlines()[0], serve_forever, asyncio.run, argv)
 
 
 if __name__ == "__main__":
