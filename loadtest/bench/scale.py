@@ -17,7 +17,12 @@ replica, straight to the replicas: nginx's two workers front at most 16,384
 sockets (nginx.conf.template), which the benchmark does not measure. The
 replicas' RSS before and after, over the sockets, is the memory an idle
 socket costs; then one member publishes once and all are owed it: the time
-until the last delivery, and how many never arrived.
+until the last delivery, how many never arrived, how many twice. A process
+holds one file per socket, so the generator's sockets are split over worker
+processes (``loadtest/bench/idle_worker.py``): one per replica, holding that
+replica's share, or more when a share exceeds what the open-file limit lets
+one process hold. Each replica must hold its own share under the limit it
+inherits; the phase refuses to start otherwise.
 
 Each configuration runs on a stack of its own, one after the other (the
 sockets of two would not fit the machine at once). ``make bench`` runs this
@@ -33,15 +38,19 @@ import asyncio
 import json
 import math
 import random
+import resource
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from deploy.stack import LocalStack, nginx_binary
+import psutil
+
+from deploy.stack import LocalStack, StackError, nginx_binary
 from loadtest.bench import procstats
 from loadtest.bench.configs import BASELINE, DEFAULT, LIMIT, PEER, Configuration, by_name, start_stack
+from loadtest.bench.idle_worker import OPEN_LIMIT_SECONDS, START_LIMIT_SECONDS, Assignment, Workers
 from loadtest.bench.loadgen import Fleet, Member
 
 # Members per room: rooms as the rate benchmark uses them.
@@ -51,6 +60,10 @@ STORM_LIMIT_SECONDS = 60.0
 # Handshakes in flight while the sockets are first opened (not during the storm: there, all at once).
 OPEN_CONCURRENCY = 200
 BROADCAST_LIMIT_SECONDS = 60.0
+# How long an idle worker may take to answer an order that needs no network round trip (owe, publish).
+WORKER_REPLY_SECONDS = 30.0
+# Files an idle worker holds besides its sockets: its pipe to the parent, its event loop's, stdio.
+WORKER_SPARE_FILES = 64
 # After the sockets open, how long the replicas' memory is left to settle before it is read.
 SETTLE_SECONDS = 2.0
 
@@ -125,42 +138,82 @@ def replica_rss(stack: LocalStack) -> int:
     return sum(procstats.rss_bytes(procstats.listening_pids(port)[0]) for port in stack.replica_ports.values())
 
 
-async def idle(stack: LocalStack, configuration: Configuration, sockets: int) -> dict:
+def split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` as even as can be, the larger ones first."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
+
+
+def idle_assignments(
+    stack: LocalStack, configuration: Configuration, shares: dict[str, int], per_process: int
+) -> list[Assignment]:
+    """The idle workers: each replica's share over as few processes as hold ``per_process`` sockets each."""
+    assignments: list[Assignment] = []
+    for replica, share in shares.items():
+        for count in split(share, max(1, math.ceil(share / per_process))):
+            if count:
+                assignments.append(
+                    Assignment(
+                        name=f"idle worker {len(assignments) + 1} ({count} sockets on {replica})",
+                        url=f"http://127.0.0.1:{stack.replica_ports[replica]}",
+                        sockets=count,
+                        wire=configuration.wire,
+                        configuration=configuration.name,
+                        concurrency=OPEN_CONCURRENCY,
+                        timeout=60,
+                        broadcast_limit=BROADCAST_LIMIT_SECONDS,
+                    )
+                )
+    return assignments
+
+
+def check_replica_limits(stack: LocalStack, shares: dict[str, int]) -> None:
+    """Each replica can hold its share: past its open-file limit it would refuse sockets, not measure them."""
+    for replica, port in stack.replica_ports.items():
+        soft, _ = psutil.Process(procstats.listening_pids(port)[0]).rlimit(psutil.RLIMIT_NOFILE)
+        if shares[replica] > soft - SPARE_FILES:
+            raise StackError(
+                f"{replica}'s open-file limit {soft} cannot hold its {shares[replica]} idle sockets "
+                f"and {SPARE_FILES} other files: pass fewer --idle-sockets or raise the hard limit"
+            )
+
+
+def idle(stack: LocalStack, configuration: Configuration, sockets: int) -> dict:
+    shares = dict(zip(stack.replica_ports, split(sockets, len(stack.replica_ports)), strict=True))
+    check_replica_limits(stack, shares)
+    # The workers inherit this process's limit.
+    per_process = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - WORKER_SPARE_FILES
+    assignments = idle_assignments(stack, configuration, shares, per_process)
     before = replica_rss(stack)
-    fleets = [
-        Fleet(
-            f"http://127.0.0.1:{port}", configuration.wire, configuration.name, concurrency=OPEN_CONCURRENCY, timeout=60
-        )
-        for port in stack.replica_ports.values()
-    ]
-    started = time.monotonic()
-    share = [sockets // len(fleets) + (index < sockets % len(fleets)) for index in range(len(fleets))]
-    await asyncio.gather(*(fleet.open("idle", count) for fleet, count in zip(fleets, share, strict=True)))
-    opened_seconds = time.monotonic() - started
-    await asyncio.sleep(SETTLE_SECONDS)
-    after = replica_rss(stack)
-    # One ledger for all: the publish reaches every member of the room, on every replica.
-    ledger = fleets[0].measure()
-    for fleet in fleets[1:]:
-        fleet.ledger = ledger
-    publisher = fleets[0].rooms["idle"][0]
-    sent_at = publisher.publish(fleets[0].next_id(), owed=sockets)
-    deadline = time.monotonic() + BROADCAST_LIMIT_SECONDS
-    await fleets[0].settle(deadline)
-    result = {
+    with Workers(assignments) as workers:
+        opened = workers.expect(workers.all, "opened", START_LIMIT_SECONDS + OPEN_LIMIT_SECONDS).values()
+        opened_seconds = max(at for _, at in opened) - min(started for started, _ in opened)
+        time.sleep(SETTLE_SECONDS)
+        after = replica_rss(stack)
+        # One message to the whole room, on every replica: every worker owes it to its own members.
+        message_id = 0
+        publisher, *others = workers.all
+        for worker in others:
+            workers.tell(worker, "owe", message_id)
+        workers.expect(others, "owed", WORKER_REPLY_SECONDS)
+        workers.tell(publisher, "publish", message_id)
+        ((sent_at,),) = workers.expect([publisher], "sent", WORKER_REPLY_SECONDS).values()
+        limit = BROADCAST_LIMIT_SECONDS + WORKER_REPLY_SECONDS
+        delivered = [report for (report,) in workers.expect(workers.all, "delivered", limit).values()]
+    arrivals = [report["last_arrival"] for report in delivered if report["last_arrival"] is not None]
+    # One clock for all: CLOCK_MONOTONIC is the host's, whichever process read it.
+    last_delivery = round(max(arrivals) - sent_at, 3) if arrivals and sent_at is not None else None
+    return {
         "sockets": sockets,
+        "workers": len(assignments),
         "open_seconds": round(opened_seconds, 1),
         "rss_before_mib": round(before / 2**20, 1),
         "rss_after_mib": round(after / 2**20, 1),
         "kib_per_socket": round((after - before) / sockets / 1024, 1),
-        "broadcast_last_delivery_seconds": round(ledger.last_arrival - sent_at, 3) if ledger.received else None,
-        "broadcast_lost": ledger.outstanding,
-        "broadcast_duplicates": ledger.duplicates,
-        "errors": dict(sum((fleet.errors for fleet in fleets), Counter())),
+        "broadcast_last_delivery_seconds": last_delivery,
+        "broadcast_lost": sum(report["outstanding"] for report in delivered),
+        "broadcast_duplicates": sum(report["duplicates"] for report in delivered),
+        "errors": dict(sum((Counter(report["errors"]) for report in delivered), Counter())),
     }
-    for fleet in fleets:
-        await fleet.close()
-    return result
 
 
 def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, log) -> dict[str, dict]:
@@ -175,9 +228,10 @@ def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, l
             f"refused {storm_result['refused']}"
         )
         with start_stack(configuration, stack_log) as stack:
-            idle_result = asyncio.run(idle(stack, configuration, plan.idle_sockets))
+            idle_result = idle(stack, configuration, plan.idle_sockets)
         log(
-            f"{configuration.name}: {plan.idle_sockets} idle sockets, {idle_result['kib_per_socket']} KiB each; "
+            f"{configuration.name}: {plan.idle_sockets} idle sockets from {idle_result['workers']} processes, "
+            f"{idle_result['kib_per_socket']} KiB each; "
             f"broadcast to all in {idle_result['broadcast_last_delivery_seconds']} s, "
             f"lost {idle_result['broadcast_lost']}"
         )
@@ -185,22 +239,23 @@ def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, l
     return results
 
 
-# Files the generator holds besides its sockets (the stacks' logs, Redis, HTTP).
+# Files a process holds besides its sockets, at most: the generator (the stacks' logs, Redis, HTTP),
+# or a replica (its Redis connections, logs).
 SPARE_FILES = 2048
 
 
 def fit_to_open_files(plan: ScalePlan, limit: int, log) -> ScalePlan:
-    """The plan with no more sockets than the open-file ``limit`` lets one process hold
-    (the generator holds them all), said in the log when it had to shrink."""
+    """The plan with no more storm sockets than the open-file ``limit`` lets one process hold
+    (the storm's generator holds them all), said in the log when it had to shrink. The idle
+    sockets need no fitting: they are split over as many worker processes as the limit asks."""
     most = (limit - SPARE_FILES) // 1000 * 1000
-    if max(plan.idle_sockets, plan.storm_sockets) <= most:
+    if plan.storm_sockets <= most:
         return plan
-    fitted = ScalePlan(min(plan.storm_sockets, most), min(plan.idle_sockets, most))
     log(
-        f"open-file limit {limit}: the storm and idle phases hold {fitted.storm_sockets} and {fitted.idle_sockets} "
-        f"sockets instead of {plan.storm_sockets} and {plan.idle_sockets} (raise the hard limit to measure those)"
+        f"open-file limit {limit}: the storm holds {most} sockets instead of {plan.storm_sockets}, "
+        "all in one process (raise the hard limit to measure more)"
     )
-    return fitted
+    return replace(plan, storm_sockets=most)
 
 
 def plan_dict(plan: ScalePlan) -> dict:
@@ -236,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle-sockets",
         type=int,
-        help=f"default {ScalePlan.idle_sockets}; one process holds them all, so the open-file limit must allow it",
+        help=f"default {ScalePlan.idle_sockets}; split over one generator process per replica, more if a share "
+        "exceeds the open-file limit; each replica holds a third under that same limit",
     )
     args = parser.parse_args(argv)
     plan = SMOKE_SCALE_PLAN if args.smoke else ScalePlan()

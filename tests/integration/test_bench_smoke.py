@@ -38,7 +38,8 @@ def test_bench_smoke_measures_every_configuration_and_delivers_everything_at_its
     rounds = report["plan"]["runs"]
     assert rounds == 2
     # The expensive moments, one configuration of each wire: a storm that all came back from, idle sockets
-    # whose memory was read and that all got the broadcast.
+    # whose memory was read and that all got the broadcast, from more than one generator process (one
+    # process's open-file limit cannot hold a full run's idle sockets).
     scaled = report["scale"]["results"]
     assert list(scaled) == [DEFAULT, PEER]
     for name, moments in scaled.items():
@@ -47,7 +48,8 @@ def test_bench_smoke_measures_every_configuration_and_delivers_everything_at_its
         survivors = storm["peak_handshakes_per_second"]
         assert len(survivors) == 2 and storm["killed"] not in survivors, name
         assert idle["sockets"] == report["scale"]["plan"]["idle_sockets"] and idle["kib_per_socket"] > 0, name
-        assert idle["broadcast_lost"] == idle["broadcast_duplicates"] == 0, name
+        assert idle["broadcast_lost"] == idle["broadcast_duplicates"] == 0 and idle["errors"] == {}, name
+        assert idle["workers"] >= 3, name  # the 3 replicas' shares in a process each
         assert idle["broadcast_last_delivery_seconds"] is not None, name
     assert "| storm: dropped |" in out.with_suffix(".md").read_text()
     assert report["machine"]["cores"] and report["machine"]["cpu_model"] and report["machine"]["packages"]["channels"]
