@@ -115,7 +115,10 @@ async def serve(pipe: Connection, assignment: Assignment) -> None:
     order, message_id = await parent.next(PARENT_LIMIT_SECONDS)
     ledger = fleet.measure()
     if order == "publish":
-        parent.say("sent", fleet.rooms[ROOM][0].publish(message_id, owed=assignment.sockets))
+        members = fleet.rooms[ROOM]
+        # From a socket still open, if any is: one the server closed would measure nothing at all.
+        publisher = next((member for member in members if member.client.open), members[0])
+        parent.say("sent", publisher.publish(message_id, owed=assignment.sockets))
     else:
         # Owed before the publish: a delivery of an id the ledger does not know is not counted.
         ledger.owe(message_id, assignment.sockets, time.monotonic())
@@ -127,6 +130,7 @@ async def serve(pipe: Connection, assignment: Assignment) -> None:
         "duplicates": ledger.duplicates,
         "last_arrival": ledger.last_arrival if ledger.received else None,
         "errors": dict(fleet.errors),
+        "lost_sockets": dict(fleet.lost_sockets),
     }
     parent.say("delivered", delivered)
     # Only on the way out in good order: a worker that failed exits at once and its sockets close with it.

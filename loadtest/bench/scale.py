@@ -17,7 +17,8 @@ replica, straight to the replicas: nginx's two workers front at most 16,384
 sockets (nginx.conf.template), which the benchmark does not measure. The
 replicas' RSS before and after, over the sockets, is the memory an idle
 socket costs; then one member publishes once and all are owed it: the time
-until the last delivery, how many never arrived, how many twice. A process
+until the last delivery, how many never arrived, how many twice, and the
+sockets the replicas closed on their own (``lost_sockets``). A process
 holds one file per socket, so the generator's sockets are split over worker
 processes (``loadtest/bench/idle_worker.py``): one per replica, holding that
 replica's share, or more when a share exceeds what the open-file limit lets
@@ -42,6 +43,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -212,8 +214,14 @@ def idle(stack: LocalStack, configuration: Configuration, sockets: int) -> dict:
         "broadcast_last_delivery_seconds": last_delivery,
         "broadcast_lost": sum(report["outstanding"] for report in delivered),
         "broadcast_duplicates": sum(report["duplicates"] for report in delivered),
-        "errors": dict(sum((Counter(report["errors"]) for report in delivered), Counter())),
+        "errors": merged(report["errors"] for report in delivered),
+        # Sockets the replicas closed before the workers did, by close code: members the broadcast still owes.
+        "lost_sockets": merged(report["lost_sockets"] for report in delivered),
     }
+
+
+def merged(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    return dict(sum((Counter(count) for count in counts), Counter()))
 
 
 def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, log) -> dict[str, dict]:
@@ -234,6 +242,7 @@ def run_scale(configurations: list[Configuration], plan: ScalePlan, stack_log, l
             f"{idle_result['kib_per_socket']} KiB each; "
             f"broadcast to all in {idle_result['broadcast_last_delivery_seconds']} s, "
             f"lost {idle_result['broadcast_lost']}"
+            + (f"; sockets the replicas closed: {idle_result['lost_sockets']}" if idle_result["lost_sockets"] else "")
         )
         results[configuration.name] = {"storm": storm_result, "idle": idle_result}
     return results
