@@ -233,6 +233,7 @@ check-fanout: venv system-packages ## fan-out matrix and verdict on a fresh loca
 # make bench [BENCH_CONFIGS=raw,daphne-pubsub]   every configuration on its own 3-replica local stack, measured in
 #                                                interleaved rounds (A B C A B C ...), ≤ 20 min
 # make bench-smoke                               the same code path with small numbers (also run by make test)
+# make bench-profile [BENCH_CONFIGS=...]         where the replicas' CPU and idle-socket memory go, per library
 BENCH_CONFIGS ?=
 
 .PHONY: bench
@@ -242,6 +243,10 @@ bench: venv system-packages ## capacity benchmark against the raw baseline, pyth
 .PHONY: bench-smoke
 bench-smoke: venv system-packages ## the benchmark with small numbers, in under 2 minutes: loadtest/reports/bench-smoke.*
 	@$(BIN)/python -m loadtest.bench --smoke $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
+
+.PHONY: bench-profile
+bench-profile: venv system-packages ## py-spy and tracemalloc profiles of the replicas, per library: loadtest/reports/bench-profile.{json,md}
+	@$(BIN)/python -m loadtest.bench.profiling $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
 
 # --- upgrade canary ---
 # The fast path (app/realtime/compat.py) on the newest PyPI releases of the

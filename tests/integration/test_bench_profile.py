@@ -1,0 +1,44 @@
+"""The profiles (make bench-profile), run end to end with small numbers, so they cannot silently rot:
+py-spy sampling real replicas under load, and a replica run under tracemalloc holding idle sockets."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loadtest.bench.configs import DEFAULT, LIMIT
+
+SMOKE_TIMEOUT = 300  # two configurations, two stacks each, a traced Django start, on a shared 2-core host
+
+
+@pytest.mark.stack
+def test_profiles_charge_the_replicas_cpu_and_idle_memory_to_the_libraries_that_spend_them(tmp_path):
+    out = tmp_path / "bench-profile"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench.profiling", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["results"]) == [DEFAULT, LIMIT]
+    for name, profile in report["results"].items():
+        cpu, memory = profile["cpu"], profile["memory"]
+        # Samples of working threads, spread over libraries whose microseconds add up to the measured cost.
+        assert cpu["samples"] > 0 and cpu["replica_cpu_us_per_delivery"] > 0, name
+        assert sum(cpu["by_library"].values()) <= 1.0001, name
+        assert 0 < sum(cpu["us_per_delivery_by_library"].values()) <= cpu["replica_cpu_us_per_delivery"] * 1.01, name
+        # The sockets cost Python allocations and RSS.
+        assert memory["sockets"] == report["plan"]["idle_sockets"], name
+        assert memory["python_bytes_per_socket"] > 1000 and memory["rss_bytes_per_socket_untraced"] > 0, name
+        assert memory["bytes_per_socket_by_library"], name
+        # Each replica's collapsed stacks are kept for a flame graph.
+        for replica in ("daphne-1", "daphne-2", "daphne-3"):
+            assert (tmp_path / "bench-profile-stacks" / f"{name}-{replica}.folded").stat().st_size > 0, name
+    # The Daphne replica's protocol objects are Twisted's, autobahn's and Daphne's: the profile must see them.
+    default_memory = report["results"][DEFAULT]["memory"]["bytes_per_socket_by_library"]
+    assert {"daphne", "autobahn"} <= set(default_memory), default_memory
+    assert "picows" in report["results"][LIMIT]["memory"]["bytes_per_socket_by_library"]
+    assert "| configuration | replica CPU per delivery |" in out.with_suffix(".md").read_text()
