@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -74,7 +75,7 @@ LAYER = Piece(
     ("channels-redis", "redis"),
 )
 WRITES = Piece("direct socket writes", "Twisted's buffered writes", ("twisted", "autobahn"))
-REPLIES = Piece("Daphne's reply short cut", "Daphne's own handle_reply", ("daphne",))
+REPLIES = Piece("Daphne's reply short cut and input queue", "Daphne's own handle_reply and asyncio.Queue", ("daphne",))
 CONSUMERS = Piece("the one-source consumer loop", "Channels' own consumer loop and dispatch", ("channels",))
 PIECES = (LAYER, WRITES, REPLIES, CONSUMERS)
 
@@ -170,6 +171,8 @@ USED_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "daphne": {
         "daphne.server:Server": (
+            "create_application",
+            "application",
             "handle_reply",
             "connections",
             "ws_factory",
@@ -369,6 +372,22 @@ def daphne_connection_open(server, protocol) -> bool:
     """Whether Daphne still serves ``protocol``'s application (its reply checks, in short)."""
     connection = server.connections.get(protocol)
     return connection is not None and not connection.get("disconnected")
+
+
+def daphne_create_application(server, protocol, scope, queue):
+    """Daphne's ``Server.create_application`` with ``queue`` as the connection's
+    input queue (Daphne makes an ``asyncio.Queue`` and offers no choice)."""
+    assert "application_instance" not in server.connections[protocol]
+    scope.setdefault("asgi", {"version": "3.0"})
+    application_instance = server.application(
+        scope=scope, receive=queue.get, send=functools.partial(server.handle_reply, protocol)
+    )
+    if protocol not in server.connections:
+        return None
+    server.connections[protocol]["application_instance"] = asyncio.ensure_future(
+        application_instance, loop=asyncio.get_event_loop()
+    )
+    return queue
 
 
 def websocket_factory(server):

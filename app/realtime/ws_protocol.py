@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # The opcode bit that marks a control frame (close 0x8, ping 0x9, pong 0xA),
 # in the first byte of a frame this server sends.
 CONTROL_FRAME = 0x08
+# A socket's backlog while nothing waits in it: falsy and shared, so an idle
+# socket holds no queue of its own.
+NO_BACKLOG: tuple[()] = ()
 
 # Every connection of the replica, for the drain to close (Daphne's own list
 # is no public API).
@@ -73,7 +76,9 @@ class ServerCloseProtocol(WebSocketProtocol):
     def connectionMade(self):
         super().connectionMade()
         open_protocols.add(self)
-        self._backlog: collections.deque[bytes] = collections.deque()
+        # A deque only while frames wait (an empty one is about 600 bytes, on
+        # every idle socket); NO_BACKLOG otherwise.
+        self._backlog: collections.deque[bytes] | tuple[()] = NO_BACKLOG
         self._backlog_bytes = 0
         self._paused = False
         # The HTTP channel that upgraded this connection is still the
@@ -94,6 +99,8 @@ class ServerCloseProtocol(WebSocketProtocol):
             self._backlog_bytes -= len(data)
             state.pending_bytes -= len(data)
             self.transport.write(data)  # may pause again
+        if not self._backlog:
+            self._backlog = NO_BACKLOG
 
     def stopProducing(self):
         self._drop_backlog()
@@ -106,7 +113,7 @@ class ServerCloseProtocol(WebSocketProtocol):
     def _drop_backlog(self):
         state.pending_bytes -= self._backlog_bytes
         self._backlog_bytes = 0
-        self._backlog.clear()
+        self._backlog = NO_BACKLOG
 
     # --- sending -----------------------------------------------------------
 
@@ -164,6 +171,8 @@ class ServerCloseProtocol(WebSocketProtocol):
         self.transport.write(data)
 
     def _queue(self, data: bytes) -> None:
+        if self._backlog is NO_BACKLOG:
+            self._backlog = collections.deque()
         self._backlog.append(data)
         self._backlog_bytes += len(data)
         state.pending_bytes += len(data)
