@@ -73,6 +73,8 @@ SYSTEM = "libc and kernel"
 EVENT_LOOP = {"asyncio", "selectors"}
 # Native libraries named by their file, by the package that ships them.
 NATIVE_PACKAGES = {"loop": "uvloop", "_cmsgpack": "msgpack", "hiredis": "hiredis"}
+SOCKET_SYSCALLS = "socket syscalls (send, recv)"
+SOCKET_IO = {"send", "sendmsg", "sendto", "write", "writev", "recv", "recvmsg", "recvfrom", "read", "readv"}
 # Where a thread waits rather than works: py-spy's native stacks keep these
 # samples, which are not CPU time.
 WAITING = (
@@ -145,7 +147,12 @@ def is_code_of_a_library(who: str) -> bool:
 
 
 def charged(stack: list[str]) -> str:
-    """The innermost frame's owner that is a library or our code; the innermost as it is if none is."""
+    """The innermost frame's owner that is a library or our code; the innermost as it is if none is.
+    Socket reads and writes are a bucket of their own, whoever calls them: every
+    configuration makes them (a send per socket per message), some from their
+    own code, some through asyncio's or uvloop's transports."""
+    if owner(stack[-1]) == SYSTEM and function(stack[-1]) in SOCKET_IO:
+        return SOCKET_SYSCALLS
     for frame in reversed(stack):
         who = owner(frame)
         if is_code_of_a_library(who):
@@ -153,8 +160,12 @@ def charged(stack: list[str]) -> str:
     return owner(stack[-1])
 
 
+def function(frame: str) -> str:
+    return frame.rsplit(" (", 1)[0].lstrip("_")
+
+
 def waiting(frame: str) -> bool:
-    return frame.rsplit(" (", 1)[0].lstrip("_") in WAITING
+    return function(frame) in WAITING
 
 
 def read_folded(path: Path) -> list[tuple[list[str], int]]:

@@ -35,10 +35,14 @@ def test_a_sample_is_charged_to_the_innermost_library_that_asked_for_the_work():
     assert profiling.charged([LOOP, TWISTED_READ, AUTOBAHN_FRAME, CONSUMER, JSON_DUMPS, JSON_C]) == (
         "the blueprint (app/realtime)"
     )
-    # A send() syscall made by autobahn is autobahn's.
-    assert profiling.charged([LOOP, TWISTED_READ, AUTOBAHN_FRAME, SEND]) == "autobahn"
+    # A socket's send() is a bucket of its own, whoever made it.
+    assert profiling.charged([LOOP, TWISTED_READ, AUTOBAHN_FRAME, SEND]) == profiling.SOCKET_SYSCALLS
+    # Any other syscall is charged to its caller.
+    assert profiling.charged([LOOP, TWISTED_READ, "getpid (libc.so.6)"]) == "twisted"
     # The event loop's own work is the event loop's, not the caller of run_forever's.
-    assert profiling.charged(["Server.run (daphne/server.py:155)", LOOP, SEND]) == "asyncio event loop"
+    assert profiling.charged(["Server.run (daphne/server.py:155)", LOOP, "getpid (libc.so.6)"]) == (
+        "asyncio event loop"
+    )
     # Nothing but the interpreter and libc: charged as it is.
     assert profiling.charged(["0x7fa6 (libc.so.6)", "_PyEval_EvalFrameDefault (libpython3.11.so.1.0)"]) == (
         profiling.INTERPRETER
@@ -57,7 +61,7 @@ def test_folded_stacks_without_the_waiting_threads_give_the_shares(tmp_path):
     assert sum(count for _, count in stacks) == 8  # the 95 samples of waiting threads are not CPU
     shares = profiling.cpu_shares(stacks)
     assert shares["samples"] == 8
-    assert shares["by_library"] == {"autobahn": 0.75, "the blueprint (app/realtime)": 0.25}
+    assert shares["by_library"] == {profiling.SOCKET_SYSCALLS: 0.75, "the blueprint (app/realtime)": 0.25}
     assert shares["by_innermost"] == {profiling.SYSTEM: 0.75, profiling.INTERPRETER: 0.25}
     assert shares["top_functions"] == {SEND: 0.75, JSON_C: 0.25}
 

@@ -5,7 +5,6 @@ import collections
 import sys
 
 import pytest
-
 from realtime.input_queue import InputQueue
 
 
