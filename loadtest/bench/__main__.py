@@ -19,6 +19,7 @@ from pathlib import Path
 from deploy.stack import StackError, nginx_binary
 from loadtest.bench import procstats, report, scale
 from loadtest.bench.configs import CONFIGURATIONS, by_name
+from loadtest.bench.idle_worker import WorkerError
 from loadtest.bench.loadgen import ConnectError
 from loadtest.bench.runner import SMOKE_PLAN, Plan, plan_dict, run_configurations
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = run_configurations(configurations, plan, stack_log, log)
             scale_results = scale.run_scale(scale_configurations, scale_plan, stack_log, log)
-        except (StackError, ConnectError) as error:
+        except (StackError, ConnectError, WorkerError) as error:
             print(f"the benchmark failed: {error} (see {stack_log_path})", file=sys.stderr)
             return 1
     meta.update(load_average_end=procstats.load_average(), seconds=round(time.monotonic() - started, 1))
