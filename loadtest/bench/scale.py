@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
 import resource
@@ -49,8 +48,8 @@ from pathlib import Path
 
 import psutil
 
-from deploy.stack import LocalStack, StackError, nginx_binary
-from loadtest.bench import procstats
+from deploy.stack import LocalStack, StackError
+from loadtest.bench import procstats, standalone
 from loadtest.bench.configs import BASELINE, DEFAULT, LIMIT, PEER, Configuration, by_name, start_stack
 from loadtest.bench.idle_worker import OPEN_LIMIT_SECONDS, START_LIMIT_SECONDS, Assignment, Workers
 from loadtest.bench.loadgen import Fleet, Member
@@ -310,20 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     configurations = by_name(args.configs.split(",") if args.configs else list(default_names))
     limit = procstats.raise_open_file_limit(max(plan.idle_sockets, plan.storm_sockets) * 2 + SPARE_FILES)
     plan = fit_to_open_files(plan, limit, print)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with open(args.out.with_suffix(".stack.log"), "w") as stack_log:
-        results = run_scale(configurations, plan, stack_log, lambda line: print(line, flush=True))
-    built = {
-        "machine": procstats.machine(nginx_binary()),
-        "plan": plan_dict(plan),
-        "seconds": round(time.monotonic() - started, 1),
-        "results": results,
-    }
-    args.out.with_suffix(".json").write_text(json.dumps(built, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table(results) + "\n")
-    print(table(results))
-    return 0
+    return standalone.run_and_report(
+        args.out, plan_dict(plan), lambda stack_log, log: run_scale(configurations, plan, stack_log, log), table
+    )
 
 
 if __name__ == "__main__":
