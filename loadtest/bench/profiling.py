@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import itertools
 import os
 import shutil
 import signal
@@ -51,8 +51,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deploy.stack import LocalStack, nginx_binary, probe
-from loadtest.bench import procstats
+from deploy.stack import LocalStack, probe
+from loadtest.bench import procstats, standalone
 from loadtest.bench.configs import BASELINE, DEFAULT, LIMIT, PEER, Configuration, by_name, start_stack
 from loadtest.bench.loadgen import Fleet, interleaved
 from loadtest.bench.runner import Bench, Plan
@@ -107,9 +107,15 @@ class ProfilePlan:
     # py-spy pauses a replica for each sample: often enough to be read, rarely enough to leave it the work.
     sample_rate: int = 100
     idle_sockets: int = 2000
+    # The room of the sampled broadcasts, a third on each replica.
+    broadcast_sockets: int = 6000
 
 
-SMOKE_PROFILE_PLAN = ProfilePlan(rooms=3, room_size=10, rate=20.0, sample_seconds=3.0, idle_sockets=60)
+SMOKE_PROFILE_PLAN = ProfilePlan(
+    rooms=3, room_size=10, rate=20.0, sample_seconds=3.0, idle_sockets=60, broadcast_sockets=60
+)
+# The longest one sampled broadcast may take to reach everyone.
+BROADCAST_LIMIT_SECONDS = 30.0
 
 
 # --- charging samples to code -------------------------------------------------
@@ -238,34 +244,98 @@ def finish_sampler(sampler: subprocess.Popen, out: Path) -> None:
         raise RuntimeError(f"py-spy failed on {out.name} (code {sampler.returncode}): {output[-1000:]}")
 
 
+class Sampling:
+    """py-spy on every replica for ``seconds``, from ``start`` to ``stacks``."""
+
+    def __init__(self, replica_pids: dict[str, list[int]], plan: ProfilePlan, stacks_dir: Path, prefix: str):
+        self.outs = {name: stacks_dir / f"{prefix}-{name}.folded" for name in replica_pids}
+        self.samplers = {
+            name: start_sampler(pids[0], plan.sample_seconds, plan.sample_rate, self.outs[name])
+            for name, pids in replica_pids.items()
+        }
+
+    async def stacks(self) -> list[tuple[list[str], int]]:
+        for name, sampler in self.samplers.items():
+            await asyncio.to_thread(finish_sampler, sampler, self.outs[name])
+        return [stack for out in self.outs.values() for stack in read_folded(out)]
+
+
+def charge(stacks: list[tuple[list[str], int]], per_delivery: float) -> dict:
+    """The shares of the samples, and the replica CPU per delivery divided by them."""
+    shares = cpu_shares(stacks)
+    return {
+        "replica_cpu_us_per_delivery": per_delivery,
+        **shares,
+        "us_per_delivery_by_library": {
+            name: round(share * per_delivery, 1) for name, share in shares["by_library"].items()
+        },
+    }
+
+
 async def sampled_step(stack: LocalStack, configuration: Configuration, plan: ProfilePlan, stacks_dir: Path) -> dict:
+    """The steady fan-out: rooms of ``room_size`` at ``rate`` publishes a second."""
     bench = Bench(stack, Plan(rooms=plan.rooms, room_size=plan.room_size), configuration.wire, configuration.name)
     for number in range(plan.rooms):
         await bench.fleet.open(f"profile-{number}", plan.room_size)
     publishers = interleaved(bench.fleet.rooms)
     # A short step first, unsampled: the replicas' first messages (imports, caches) are not the steady cost.
     await bench.step(publishers, plan.rate, seconds=1.0)
-    samplers = {}
-    for name, pids in bench.replica_pids.items():
-        out = stacks_dir / f"{configuration.name}-{name}.folded"
-        samplers[name] = (start_sampler(pids[0], plan.sample_seconds, plan.sample_rate, out), out)
+    sampling = Sampling(bench.replica_pids, plan, stacks_dir, f"{configuration.name}-fanout")
     step = await bench.step(publishers, plan.rate, seconds=plan.sample_seconds)
-    for sampler, out in samplers.values():
-        await asyncio.to_thread(finish_sampler, sampler, out)
+    stacks = await sampling.stacks()
     await bench.fleet.close()
     if step["lost"] or step["duplicates"] or step["errors"] or step["sockets_closed"]:
         raise RuntimeError(f"{configuration.name}: the sampled step did not deliver everything: {step}")
-    stacks = [stack_line for _, out in samplers.values() for stack_line in read_folded(out)]
-    shares = cpu_shares(stacks)
-    per_delivery = step["replica_cpu_us_per_delivery"]
     return {
         "deliveries_per_s": step["deliveries_per_s"],
-        "replica_cpu_us_per_delivery": per_delivery,
         "p99_ms": step["p99_ms"],
-        **shares,
-        "us_per_delivery_by_library": {
-            name: round(share * per_delivery, 1) for name, share in shares["by_library"].items()
-        },
+        **charge(stacks, step["replica_cpu_us_per_delivery"]),
+    }
+
+
+async def sampled_broadcasts(
+    stack: LocalStack, configuration: Configuration, plan: ProfilePlan, stacks_dir: Path
+) -> dict:
+    """The big broadcast: one message to a room of ``broadcast_sockets`` (a third
+    straight to each replica, as the idle phase has them), again as soon as the
+    last got it, for as long as py-spy samples."""
+    fleets = [
+        Fleet(f"http://127.0.0.1:{port}", configuration.wire, configuration.name)
+        for port in stack.replica_ports.values()
+    ]
+    for fleet in fleets:
+        await fleet.open("broadcast", plan.broadcast_sockets // len(fleets), within=OPEN_SECONDS)
+    members = sum(len(fleet.members) for fleet in fleets)
+    ledger = fleets[0].measure()
+    for fleet in fleets[1:]:
+        fleet.ledger = ledger
+    replica_pids = {name: procstats.listening_pids(port) for name, port in stack.replica_ports.items()}
+    meter = procstats.CpuMeter(replica_pids)
+    sampling = Sampling(replica_pids, plan, stacks_dir, f"{configuration.name}-broadcast")
+    # Each broadcast from the next member: one socket sending them all would
+    # meet the replicas' per-socket rate limit (WS_RATE_LIMIT_PER_SECOND).
+    publishers, broadcasts, slowest = itertools.cycle(fleets[0].rooms["broadcast"]), 0, 0.0
+    ends = time.monotonic() + plan.sample_seconds
+    while time.monotonic() < ends:
+        sent_at = next(publishers).publish(fleets[0].next_id(), owed=members)
+        await fleets[0].settle(time.monotonic() + BROADCAST_LIMIT_SECONDS)
+        slowest, broadcasts = max(slowest, ledger.last_arrival - sent_at), broadcasts + 1
+    meter.read()
+    stacks = await sampling.stacks()
+    for fleet in fleets:
+        await fleet.close()
+    if ledger.outstanding or ledger.duplicates:
+        raise RuntimeError(
+            f"{configuration.name}: {broadcasts} sampled broadcasts to {members} sockets lost {ledger.outstanding}, "
+            f"duplicated {ledger.duplicates}; errors {[dict(fleet.errors) for fleet in fleets]}, "
+            f"sockets closed {[dict(fleet.lost_sockets) for fleet in fleets]}"
+        )
+    replica_seconds = sum(meter.seconds.values())
+    return {
+        "sockets": members,
+        "broadcasts": broadcasts,
+        "slowest_broadcast_seconds": round(slowest, 3),
+        **charge(stacks, round(replica_seconds / ledger.received * 1e6, 1)),
     }
 
 
@@ -384,10 +454,13 @@ def run_profiles(configurations: list[Configuration], plan: ProfilePlan, out: Pa
     for configuration in configurations:
         with start_stack(configuration, stack_log) as stack:
             cpu = asyncio.run(sampled_step(stack, configuration, plan, stacks_dir))
-        log(
-            f"{configuration.name}: {cpu['replica_cpu_us_per_delivery']} µs of replica CPU per delivery; "
-            + ", ".join(f"{name} {us}" for name, us in list(cpu["us_per_delivery_by_library"].items())[:5])
-        )
+            broadcast = asyncio.run(sampled_broadcasts(stack, configuration, plan, stacks_dir))
+        for what, profile in (("fan-out", cpu), ("broadcast", broadcast)):
+            log(
+                f"{configuration.name}, {what}: {profile['replica_cpu_us_per_delivery']} µs of replica CPU per "
+                "delivery; "
+                + ", ".join(f"{name} {us}" for name, us in list(profile["us_per_delivery_by_library"].items())[:5])
+            )
         with (
             tempfile.TemporaryDirectory(prefix="tracemalloc-") as snapshots,
             traced_stack(configuration, stack_log, Path(snapshots)) as stack,
@@ -398,7 +471,7 @@ def run_profiles(configurations: list[Configuration], plan: ProfilePlan, out: Pa
             f"{memory['python_bytes_per_socket']} B of it Python's: "
             + ", ".join(f"{name} {n}" for name, n in list(memory["bytes_per_socket_by_library"].items())[:5])
         )
-        results[configuration.name] = {"cpu": cpu, "memory": memory}
+        results[configuration.name] = {"cpu": cpu, "broadcast": broadcast, "memory": memory}
     return results
 
 
@@ -406,31 +479,43 @@ def _rows(values: dict[str, float], unit: str) -> str:
     return "<br>".join(f"{name}: {value:g}{unit}" for name, value in values.items())
 
 
-def table(results: dict[str, dict]) -> str:
-    """The markdown tables: CPU per delivery by library, bytes per idle socket by library."""
-    cpu_rows = [
-        "| configuration | replica CPU per delivery | µs per delivery, by the library it was spent for "
+def cpu_table(results: dict[str, dict], phase: str, title: str) -> str:
+    rows = [
+        f"| configuration | {title}: replica CPU per delivery | µs per delivery, by the library it was spent for "
         "| share of samples, by innermost frame |",
         "|---|---:|---|---|",
     ]
+    for name, result in results.items():
+        profile = result[phase]
+        innermost = {who: round(100 * share, 1) for who, share in profile["by_innermost"].items()}
+        rows.append(
+            f"| {name} | {profile['replica_cpu_us_per_delivery']} µs "
+            f"| {_rows(profile['us_per_delivery_by_library'], ' µs')} | {_rows(innermost, ' %')} |"
+        )
+    return "\n".join(rows)
+
+
+def table(results: dict[str, dict]) -> str:
+    """The markdown tables: CPU per delivery by library (fan-out, broadcast), bytes per idle socket by library."""
     memory_rows = [
         "| configuration | RSS per idle socket | Python's allocations per idle socket | bytes per socket, by library "
         "| bytes per socket, by allocating line |",
         "|---|---:|---:|---|---|",
     ]
     for name, result in results.items():
-        cpu, memory = result["cpu"], result["memory"]
-        innermost = {who: round(100 * share, 1) for who, share in cpu["by_innermost"].items()}
-        cpu_rows.append(
-            f"| {name} | {cpu['replica_cpu_us_per_delivery']} µs | {_rows(cpu['us_per_delivery_by_library'], ' µs')} "
-            f"| {_rows(innermost, ' %')} |"
-        )
+        memory = result["memory"]
         memory_rows.append(
             f"| {name} | {memory['rss_bytes_per_socket_untraced']} B | {memory['python_bytes_per_socket']} B "
             f"| {_rows(memory['bytes_per_socket_by_library'], ' B')} "
             f"| {_rows(memory['bytes_per_socket_by_line'], ' B')} |"
         )
-    return "\n".join(cpu_rows) + "\n\n" + "\n".join(memory_rows)
+    return "\n\n".join(
+        [
+            cpu_table(results, "cpu", "fan-out to rooms"),
+            cpu_table(results, "broadcast", "broadcast to one room"),
+            "\n".join(memory_rows),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,21 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     default_names = SMOKE_PROFILE_CONFIGURATIONS if args.smoke else PROFILE_CONFIGURATIONS
     configurations = by_name(args.configs.split(",") if args.configs else list(default_names))
     procstats.raise_open_file_limit(plan.idle_sockets * 4 + 2048)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with open(args.out.with_suffix(".stack.log"), "w") as stack_log:
-        results = run_profiles(configurations, plan, args.out, stack_log, lambda line: print(line, flush=True))
-    built = {
-        "machine": procstats.machine(nginx_binary()),
-        "load_average": procstats.load_average(),
-        "plan": asdict(plan),
-        "seconds": round(time.monotonic() - started, 1),
-        "results": results,
-    }
-    args.out.with_suffix(".json").write_text(json.dumps(built, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table(results) + "\n")
-    print(table(results))
-    return 0
+
+    def run(stack_log, log) -> dict:
+        return run_profiles(configurations, plan, args.out, stack_log, log)
+
+    return standalone.run_and_report(args.out, asdict(plan), run, table)
 
 
 if __name__ == "__main__":
