@@ -25,20 +25,27 @@ def test_profiles_charge_the_replicas_cpu_and_idle_memory_to_the_libraries_that_
     report = json.loads(out.with_suffix(".json").read_text())
     assert list(report["results"]) == [DEFAULT, LIMIT]
     for name, profile in report["results"].items():
-        cpu, memory = profile["cpu"], profile["memory"]
-        # Samples of working threads, spread over libraries whose microseconds add up to the measured cost.
-        assert cpu["samples"] > 0 and cpu["replica_cpu_us_per_delivery"] > 0, name
-        assert sum(cpu["by_library"].values()) <= 1.0001, name
-        assert 0 < sum(cpu["us_per_delivery_by_library"].values()) <= cpu["replica_cpu_us_per_delivery"] * 1.01, name
+        memory = profile["memory"]
+        for phase in (profile["cpu"], profile["broadcast"]):
+            # Samples of working threads, spread over libraries whose microseconds add up to the measured cost.
+            assert phase["samples"] > 0 and phase["replica_cpu_us_per_delivery"] > 0, name
+            assert sum(phase["by_library"].values()) <= 1.0001, name
+            charged = sum(phase["us_per_delivery_by_library"].values())
+            assert 0 < charged <= phase["replica_cpu_us_per_delivery"] * 1.01, name
+        # Every sampled broadcast reached the whole room (the run fails otherwise).
+        broadcast = profile["broadcast"]
+        assert broadcast["sockets"] == report["plan"]["broadcast_sockets"] and broadcast["broadcasts"] > 0, name
         # The sockets cost Python allocations and RSS.
         assert memory["sockets"] == report["plan"]["idle_sockets"], name
         assert memory["python_bytes_per_socket"] > 1000 and memory["rss_bytes_per_socket_untraced"] > 0, name
         assert memory["bytes_per_socket_by_library"], name
         # Each replica's collapsed stacks are kept for a flame graph.
-        for replica in ("daphne-1", "daphne-2", "daphne-3"):
-            assert (tmp_path / "bench-profile-stacks" / f"{name}-{replica}.folded").stat().st_size > 0, name
+        for phase in ("fanout", "broadcast"):
+            for replica in ("daphne-1", "daphne-2", "daphne-3"):
+                assert (tmp_path / "bench-profile-stacks" / f"{name}-{phase}-{replica}.folded").stat().st_size > 0
     # The Daphne replica's protocol objects are Twisted's, autobahn's and Daphne's: the profile must see them.
     default_memory = report["results"][DEFAULT]["memory"]["bytes_per_socket_by_library"]
     assert {"daphne", "autobahn"} <= set(default_memory), default_memory
     assert "picows" in report["results"][LIMIT]["memory"]["bytes_per_socket_by_library"]
-    assert "| configuration | replica CPU per delivery |" in out.with_suffix(".md").read_text()
+    tables = out.with_suffix(".md").read_text()
+    assert "fan-out to rooms: replica CPU per delivery" in tables and "broadcast to one room" in tables
