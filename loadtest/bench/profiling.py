@@ -405,13 +405,23 @@ def memory_shares(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, soc
         # Oldest frame first, as py-spy's stacks are.
         frames = [allocation_frame(frame) for frame in difference.traceback]
         by_library[charged(frames)] += difference.size_diff
-        by_line[frames[-1]] += difference.size_diff
+        by_line[location(frames[-1])] += difference.size_diff
     total = sum(by_library.values())
     return {
         "python_bytes_per_socket": round(total / sockets),
-        "bytes_per_socket_by_library": {name: round(n / sockets) for name, n in by_library.most_common(TOP)},
-        "bytes_per_socket_by_line": {name: round(n / sockets) for name, n in by_line.most_common(TOP)},
+        "bytes_per_socket_by_library": per_socket(by_library, sockets),
+        "bytes_per_socket_by_line": per_socket(by_line, sockets),
     }
+
+
+def location(frame: str) -> str:
+    """``file:line`` of a frame named ``function (file:line)``."""
+    return frame.rsplit(" (", 1)[-1].rstrip(")")
+
+
+def per_socket(sizes: Counter, sockets: int) -> dict[str, int]:
+    """The largest of ``sizes`` per socket, leaving out what the sockets did not add to."""
+    return {name: round(n / sockets) for name, n in sizes.most_common(TOP) if n / sockets >= 1}
 
 
 async def steady_again(port: int, steady: float = 3.0, timeout: float = 90.0) -> None:
