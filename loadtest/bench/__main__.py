@@ -11,13 +11,12 @@ only to the loopback stacks it starts.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
 from deploy.stack import StackError, nginx_binary
-from loadtest.bench import procstats, report, scale
+from loadtest.bench import procstats, report, scale, standalone
 from loadtest.bench.configs import CONFIGURATIONS, by_name
 from loadtest.bench.idle_worker import WorkerError
 from loadtest.bench.loadgen import ConnectError
@@ -27,11 +26,6 @@ REPORTS = Path("loadtest/reports")
 # Each process has its own limit: the generator holds one file per socket, an
 # nginx worker two per socket it proxies (its share of them), a replica one.
 SPARE_FILES = scale.SPARE_FILES
-
-
-def _exit_on_signal(signum, frame):
-    # Unwinds through the stack's ``with``: its processes live in their own sessions.
-    raise SystemExit(128 + signum)
 
 
 def log(line: str) -> None:
@@ -77,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if limit < sockets + SPARE_FILES:
         print(f"the open-file limit is {limit}: too low for {sockets} sockets (raise `ulimit -n`)", file=sys.stderr)
         return 2
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
+    standalone.exit_on_termination()
 
     started = time.monotonic()
     meta = {
