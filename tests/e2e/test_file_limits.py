@@ -64,7 +64,11 @@ def _start_low_limit_replica(stack: ComposeStack, name: str) -> str:
     """A Daphne replica like the stack's, on its network, started with a soft limit of 1,024."""
     template = stack.inspect(next(iter(stack.hostnames().values())))
     network = next(iter(template["NetworkSettings"]["Networks"]))
-    environment = [e for e in template["Config"]["Env"] if not e.startswith(("HOSTNAME=", "PATH="))]
+    environment = [e for e in template["Config"]["Env"] if not e.startswith(("HOSTNAME=", "PATH=", "REBALANCE="))]
+    # Without rebalancing: this replica holds every socket of the test on
+    # purpose, which the census would soon call far above the deployment's
+    # mean and refuse more of with 503 (README, Rebalancing).
+    environment.append("REBALANCE=0")
     run(
         [
             "docker",
