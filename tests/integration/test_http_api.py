@@ -26,8 +26,23 @@ THROUGH_NGINX = {"headers": {"X-Forwarded-For": "203.0.113.7"}}
 
 @pytest.fixture(autouse=True)
 def fresh_readiness(monkeypatch):
-    """No readiness result carried over from another test (and its Redis)."""
-    monkeypatch.setattr(views, "readiness", Readiness())
+    """No readiness result carried over from another test (and its Redis), and none left running after it."""
+    readiness = Readiness()
+    monkeypatch.setattr(views, "readiness", readiness)
+    yield
+    if readiness._loop is not None:
+        # The WSGI side's checks run on a daemon thread's loop, which outlives
+        # the test: a pub/sub layer's receive task there would go on retrying
+        # the test's stopped Redis, and log so, for the rest of the session.
+        asyncio.run_coroutine_threadsafe(cancel_all_tasks(), readiness._loop).result(timeout=10)
+        readiness._loop.call_soon_threadsafe(readiness._loop.stop)
+
+
+async def cancel_all_tasks():
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture

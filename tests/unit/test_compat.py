@@ -38,7 +38,8 @@ def test_on_the_verified_versions_every_piece_is_on_and_nothing_is_said(undecide
         pytest.skip("not the verified versions (make canary)")
     compat.decide()
     assert all(compat.fast(piece) for piece in compat.PIECES)
-    assert not caplog.records
+    # Only compat's own words count: another test's leftover task may log meanwhile.
+    assert not [record for record in caplog.records if record.name == compat.logger.name]
 
 
 def test_an_untested_version_turns_its_pieces_off_with_one_warning_naming_it(undecided, monkeypatch, caplog):
