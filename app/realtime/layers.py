@@ -40,7 +40,8 @@ returns that position and ``history_since`` what a member that resumes missed.
 
 The link to Redis is watched: each shard PINGs on its subscription
 connection, and when it has heard nothing for ``REDIS_LINK_TIMEOUT_SECONDS``
-(a network cut that drops packets sends no RST, so reads just wait) it calls
+of its own running time (a network cut that drops packets sends no RST, so
+reads just wait; a replica that was itself stopped has not been ignored) it calls
 the link lost: every member of a group on that shard gets
 ``{"type": "fanout.link_lost"}`` out of band (the consumers close with 1012)
 and nothing after it, the replica reports not ready, and the shard replaces
@@ -105,7 +106,8 @@ class FanoutShard(compat.PubSubShard):
         # Logged and reported by index: the host's address carries the password.
         self.name = "redis shard"
         self.link_up = True
-        self._heard = 0.0
+        # Seconds of this replica's own running time with nothing from Redis.
+        self._silent = 0.0
         # Set when redis-py reconnected the subscription connection by itself.
         self._reconnected = False
         self._watched = None  # the subscription connection whose reconnects are watched
@@ -179,7 +181,8 @@ class FanoutShard(compat.PubSubShard):
         """channels_redis' receive loop, with a link watch: what breaks the
         subscription connection, or silences it, gets a new one."""
         loop = asyncio.get_running_loop()
-        self._heard = loop.time()
+        self._silent = 0.0
+        looked = loop.time()
         pinging = asyncio.ensure_future(self._ping())
         try:
             while True:
@@ -187,7 +190,7 @@ class FanoutShard(compat.PubSubShard):
                     await self._relink("redis-py reconnected the subscription connection")
                     continue
                 if not (self.subscription and self.subscription.subscribed):
-                    self._heard = loop.time()
+                    self._silent = 0.0
                     await asyncio.sleep(0.1)
                     continue
                 try:
@@ -197,11 +200,21 @@ class FanoutShard(compat.PubSubShard):
                 except Exception as error:
                     await self._relink(f"{type(error).__name__}: {error}")
                     continue
+                # Silence counts only while this replica was running. A gap
+                # between two looks longer than a ping interval is its own
+                # stall (CPU throttled to its limit, a long collection, a
+                # paused VM), during which it sent no PINGs and read nothing:
+                # it counts as one interval. Redis's answers wait in the intact
+                # connection; calling the link lost then would send every member
+                # to reconnect at once, to a replica already short of time.
+                now = loop.time()
+                self._silent += min(now - looked, settings.REDIS_LINK_TIMEOUT_SECONDS / PINGS_PER_LINK_TIMEOUT)
+                looked = now
                 if message is not None:
-                    self._heard = loop.time()
+                    self._silent = 0.0
                     if message["type"] != "pong":
                         self.on_message(message)
-                elif loop.time() - self._heard > settings.REDIS_LINK_TIMEOUT_SECONDS:
+                elif self._silent > settings.REDIS_LINK_TIMEOUT_SECONDS:
                     await self._relink(f"no answer from Redis for {settings.REDIS_LINK_TIMEOUT_SECONDS:g} s")
         finally:
             pinging.cancel()
@@ -234,7 +247,7 @@ class FanoutShard(compat.PubSubShard):
                 logger.debug("resubscribing to %s failed: %r", self.name, error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        self._heard = asyncio.get_running_loop().time()
+        self._silent = 0.0
         self.link_up = True
         state.redis_links_down.discard(self.name)
         logger.warning("the Redis subscription link of %s is back: resubscribed", self.name)

@@ -1,6 +1,8 @@
 """A replica cut from Redis for 90 s while its room is busy: it closes its
 members within the link timeout, stays within its memory limit, and is
-healthy and serving within 10 s of the heal, at normal CPU.
+healthy and serving within 10 s of the heal, at normal CPU. A replica that
+is itself stopped for longer than the link timeout is not cut: it keeps its
+members and delivers what was published meanwhile.
 
 The cut is a TCP proxy stopped with SIGSTOP (tests/tcp_proxy.py): packets
 are neither forwarded nor refused, as when a cloud network drops them.
@@ -9,13 +11,14 @@ are neither forwarded nor refused, as when a cloud network drops them.
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import websockets
 
-from tests.integration.test_history import FANOUT, chats, join
+from tests.integration.test_history import FANOUT, chats, join, nothing_more, publish
 from tests.processes import Daphne, status_of, wait_for
 from tests.tcp_proxy import Proxy
 
@@ -123,3 +126,45 @@ def test_a_long_cut_under_traffic(redis_server):
     assert serving_after <= 10
     # 35 deliveries a second to one member cost a few percent; a livelock is 100 %.
     assert cpu_share < 0.5
+
+
+def test_a_replica_stopped_past_the_link_timeout_keeps_its_members_and_misses_nothing(redis_server):
+    """A stop-the-world pause (CPU throttled to its limit, a long collection,
+    a paused VM) is the replica's own silence, not Redis's: its subscription
+    connection is intact and holds what was published meanwhile. Calling the
+    link lost would send every member to reconnect at once, on a replica that
+    is already short of time."""
+    stop_seconds = LINK_TIMEOUT + 3
+
+    async def scenario(stopped, other):
+        members = [(await join(stopped, "pause"))[0] for _ in range(3)]
+        publisher, _ = await join(other, "pause")
+        await publish(publisher, ["before"])
+        for member in members:
+            await chats(member, 1)
+        os.kill(stopped.process.pid, signal.SIGSTOP)
+        try:
+            await publish(publisher, [f"during {n}" for n in range(5)])
+            await asyncio.sleep(stop_seconds)
+        finally:
+            os.kill(stopped.process.pid, signal.SIGCONT)
+        await publish(publisher, ["after"])
+        received = []
+        for member in members:
+            received.append([frame["message"] for frame in await chats(member, 6, timeout=LINK_TIMEOUT + 5)])
+        # Past another link timeout: a watch that blamed Redis would have closed them by now.
+        await asyncio.sleep(LINK_TIMEOUT + 1)
+        await publish(publisher, ["later"])
+        for member in members:
+            assert [frame["message"] for frame in await chats(member, 1)] == ["later"]
+            assert await nothing_more(member)
+        return received
+
+    with (
+        Daphne(redis_server.url, name="other", **FANOUT) as other,
+        Daphne(redis_server.url, name="stopped", REDIS_LINK_TIMEOUT_SECONDS=str(LINK_TIMEOUT), **FANOUT) as stopped,
+    ):
+        received = asyncio.run(scenario(stopped, other))
+    expected = [f"during {n}" for n in range(5)] + ["after"]
+    assert received == [expected] * 3
+    assert "lost the Redis subscription link" not in stopped.output
