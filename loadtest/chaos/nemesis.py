@@ -182,6 +182,36 @@ def cut_from_redis(seconds: float) -> Fault:
     return fault
 
 
+def freeze_replica(link_timeout: float) -> Fault:
+    """One replica frozen (the cgroup freezer, as a pod throttled to its CPU
+    limit or a paused VM is) for longer than the Redis link timeout. Its link
+    to Redis is intact and holds what was published meanwhile: it must not
+    take its own silence for Redis's and send its members to reconnect."""
+    seconds = link_timeout + 3
+
+    async def fault(chaos: Chaos) -> Window:
+        name, container = chaos.busiest_replica()
+        # Its members stall for the freeze: for them the service is out.
+        window = Window(
+            f"one replica frozen for {seconds:g} s (docker pause)", "freeze", time.time(), outage_seconds=seconds
+        )
+        frozen = [member for member in chaos.workload.all_members if member.connected and member.pod == name]
+        await chaos.docker("pause", container)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            await chaos.docker("unpause", container)
+        window.end = time.time()
+        # Past another link timeout: a replica that blamed Redis has closed them by now.
+        await asyncio.sleep(link_timeout + 2)
+        reconnected = sum(any(r.lost.at >= window.start for r in member.reconnects) for member in frozen)
+        window.notes.append(f"froze {name}; {reconnected} of its {len(frozen)} members reconnected")
+        window.checks["the frozen replica's members kept their sockets"] = bool(frozen) and reconnected == 0
+        return window
+
+    return fault
+
+
 async def master_container(chaos: Chaos) -> str:
     """The container Redis's master runs in: `redis`, or after a failover the
     one the Sentinels name."""

@@ -43,6 +43,14 @@ class Segment:
     faults: tuple[Fault, ...]
 
 
+def app_default(variable: str) -> float:
+    """A setting's default in the app (compose and Kubernetes keep it: a consistency test)."""
+    found = re.search(rf'env_\w+\("{variable}", ([\d.]+)', (REPO / "app" / "config" / "settings.py").read_text())
+    assert found, f"app/config/settings.py no longer reads {variable} with a default"
+    return float(found.group(1))
+
+
+LINK_TIMEOUT = app_default("REDIS_LINK_TIMEOUT_SECONDS")
 FAILOVER = Segment(SENTINEL, (nemesis.sentinel_failover(), nemesis.kill_replica()))
 SCHEDULES: dict[str, tuple[Segment, ...]] = {
     # make test: one of each kind that needs no long wait, about 4 minutes.
@@ -53,6 +61,7 @@ SCHEDULES: dict[str, tuple[Segment, ...]] = {
                 nemesis.kill_replica(),
                 nemesis.drain_replica(),
                 nemesis.cut_from_redis(5),
+                nemesis.freeze_replica(LINK_TIMEOUT),
                 nemesis.slow_members(),
                 nemesis.restart_redis(),
                 nemesis.reload_nginx(),
@@ -73,6 +82,7 @@ SCHEDULES: dict[str, tuple[Segment, ...]] = {
                 nemesis.cut_from_redis(5),
                 nemesis.cut_from_redis(90),
                 nemesis.pause_redis(10),
+                nemesis.freeze_replica(LINK_TIMEOUT),
                 nemesis.restart_redis(),
                 nemesis.slow_members(),
                 nemesis.reload_nginx(),
@@ -81,13 +91,6 @@ SCHEDULES: dict[str, tuple[Segment, ...]] = {
         FAILOVER,
     ),
 }
-
-
-def app_default(variable: str) -> float:
-    """A setting's default in the app (compose and Kubernetes keep it: a consistency test)."""
-    found = re.search(rf'env_\w+\("{variable}", ([\d.]+)', (REPO / "app" / "config" / "settings.py").read_text())
-    assert found, f"app/config/settings.py no longer reads {variable} with a default"
-    return float(found.group(1))
 
 
 def memory_limit_bytes() -> int:
@@ -201,7 +204,7 @@ async def run(schedule: str, log=print) -> dict:
             "replicas": 3,
             "socket_rate": settings.socket_rate,
             "http_rate": settings.http_rate,
-            "redis_link_timeout_seconds": app_default("REDIS_LINK_TIMEOUT_SECONDS"),
+            "redis_link_timeout_seconds": LINK_TIMEOUT,
             "quiet_seconds": QUIET_SECONDS,
         },
         "t0": t0,

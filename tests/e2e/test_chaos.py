@@ -1,5 +1,5 @@
 """The chaos suite's short schedule (`make chaos` runs the full one): a
-replica killed, one drained, one cut from Redis, members that stop reading,
+replica killed, one drained, one cut from Redis, one frozen, members that stop reading,
 Redis restarted, nginx reloaded, each under load on its own compose stack,
 with every member's history checked message by message."""
 
@@ -23,6 +23,6 @@ async def test_short_chaos_schedule_keeps_every_delivery_guarantee(offline_image
     paths = report.write(result, tmp_path / "chaos")
     print(paths["md"].read_text())
     windows = result["verdict"]["windows"]
-    assert [w["kind"] for w in windows] == ["baseline", "kill", "drain", "cut", "slow", "restart", "reload"]
+    assert [w["kind"] for w in windows] == ["baseline", "kill", "drain", "cut", "freeze", "slow", "restart", "reload"]
     assert all(w["owed"] > 0 for w in windows), "a window without load proves nothing"
     assert result["verdict"]["ok"], paths["md"].read_text()

@@ -21,5 +21,17 @@ def test_readme_shows_the_kept_full_chaos_run():
 def test_the_kept_chaos_run_held_every_guarantee_in_every_fault():
     kept = json.loads(KEPT.read_text())
     kinds = {w["kind"] for w in kept["verdict"]["windows"]}
-    assert kinds >= {"kill", "drain", "rolling", "scale", "cut", "pause", "restart", "slow", "reload", "failover"}
+    assert kinds >= {
+        "kill",
+        "drain",
+        "rolling",
+        "scale",
+        "cut",
+        "pause",
+        "freeze",
+        "restart",
+        "slow",
+        "reload",
+        "failover",
+    }
     assert kept["verdict"]["ok"]
