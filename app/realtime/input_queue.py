@@ -49,9 +49,3 @@ class InputQueue:
         if not self._items:
             self._items = None
         return item
-
-    def qsize(self) -> int:
-        return len(self._items) if self._items else 0
-
-    def empty(self) -> bool:
-        return not self._items
