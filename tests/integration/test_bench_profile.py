@@ -29,9 +29,11 @@ def test_profiles_charge_the_replicas_cpu_and_idle_memory_to_the_libraries_that_
         for phase in (profile["cpu"], profile["broadcast"]):
             # Samples of working threads, spread over libraries whose microseconds add up to the measured cost.
             assert phase["samples"] > 0 and phase["replica_cpu_us_per_delivery"] > 0, name
-            assert sum(phase["by_library"].values()) <= 1.0001, name
-            charged = sum(phase["us_per_delivery_by_library"].values())
-            assert 0 < charged <= phase["replica_cpu_us_per_delivery"] * 1.01, name
+            # Each share is rounded to 4 places and each charge to 0.1 µs: half a unit each may add up.
+            shares = phase["by_library"].values()
+            assert sum(shares) <= 1 + 0.00005 * len(shares), name
+            charges = phase["us_per_delivery_by_library"].values()
+            assert 0 < sum(charges) <= phase["replica_cpu_us_per_delivery"] * 1.01 + 0.05 * len(charges), name
         # Every sampled broadcast reached the whole room (the run fails otherwise).
         broadcast = profile["broadcast"]
         assert broadcast["sockets"] == report["plan"]["broadcast_sockets"] and broadcast["broadcasts"] > 0, name

@@ -30,12 +30,18 @@ def fresh_readiness(monkeypatch):
     readiness = Readiness()
     monkeypatch.setattr(views, "readiness", readiness)
     yield
-    if readiness._loop is not None:
+    loop = readiness._loop
+    if loop is not None:
         # The WSGI side's checks run on a daemon thread's loop, which outlives
         # the test: a pub/sub layer's receive task there would go on retrying
         # the test's stopped Redis, and log so, for the rest of the session.
-        asyncio.run_coroutine_threadsafe(cancel_all_tasks(), readiness._loop).result(timeout=10)
-        readiness._loop.call_soon_threadsafe(readiness._loop.stop)
+        asyncio.run_coroutine_threadsafe(cancel_all_tasks(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        wait_for(lambda: not loop.is_running(), 10, "the readiness checks' loop to stop")
+        # Closed here, where no loop runs: channels_redis closes its layer's
+        # connections in the loop's close, which a garbage collection would
+        # otherwise call later, in the middle of another test's running loop.
+        loop.close()
 
 
 async def cancel_all_tasks():
