@@ -53,7 +53,7 @@ def app_default(variable: str) -> float:
 LINK_TIMEOUT = app_default("REDIS_LINK_TIMEOUT_SECONDS")
 FAILOVER = Segment(SENTINEL, (nemesis.sentinel_failover(), nemesis.kill_replica()))
 SCHEDULES: dict[str, tuple[Segment, ...]] = {
-    # make test: one of each kind that needs no long wait, about 4 minutes.
+    # make test: one of each kind that needs no long wait, about 3 minutes.
     "short": (
         Segment(
             BASE,
